@@ -1,0 +1,41 @@
+"""fxopt: capture a PyTorch model as a torch.fx graph, optimize it with verified passes,
+and lower it to a deployable artifact.
+
+Example::
+
+    import fxopt
+    res = fxopt.optimize(model, (x,), pipeline="default")
+    print(res.report)
+    art = fxopt.lower(res.module, "eager", (x,), path="out/model")
+    fxopt.load("out/model")(x)
+"""
+
+from fxopt import ops
+from fxopt.capture import capture
+from fxopt.errors import CaptureError, FxoptError, LoweringError, PassError, SpecError
+from fxopt.manager import OptimizeResult, PassManager, Report, optimize
+from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
+from fxopt.pipeline import PIPELINES, parse_pipeline
+from fxopt.verify import Tolerance
+
+__all__ = [
+    "PIPELINES",
+    "CaptureError",
+    "FxoptError",
+    "LoweringError",
+    "OptimizeResult",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "Report",
+    "Semantics",
+    "SpecError",
+    "Tolerance",
+    "capture",
+    "ops",
+    "optimize",
+    "parse_pipeline",
+    "register_pass",
+]

@@ -1,0 +1,23 @@
+"""Typed, actionable errors. Every user-facing failure is a subclass of FxoptError."""
+
+from __future__ import annotations
+
+
+class FxoptError(Exception):
+    """Base class of every error fxopt raises on purpose."""
+
+
+class CaptureError(FxoptError):
+    """A model could not be turned into a GraphModule (or the inputs do not fit it)."""
+
+
+class PassError(FxoptError):
+    """A pass failed, or its output failed verification against the reference."""
+
+
+class LoweringError(FxoptError):
+    """An artifact could not be written, or it does not reproduce the GraphModule."""
+
+
+class SpecError(FxoptError):
+    """A pipeline spec, recipe file or model SPEC could not be understood."""

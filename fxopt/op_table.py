@@ -1,0 +1,271 @@
+"""The op table: one ``OpDef`` per op kind (see ``fxopt.ops``).
+
+Supporting a new op is one ``register_op(OpDef(...))`` call. MACs are counted for the
+ops that dominate compute (conv, conv_transpose, linear, matmul, attention); everything
+else counts 0, as fvcore and ptflops do for element-wise work.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.ops import OpDef, OpView, register_op
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _weight_shape(view: OpView) -> tuple[int, ...]:
+    w = view.params.get("weight")
+    if w is not None:
+        return tuple(w.shape)
+    node = view.param_node("weight")
+    return tuple(node.meta["shape"])
+
+
+def _conv_macs(view: OpView) -> int:
+    # each output element: (Cin / groups) * prod(kernel) multiply-adds
+    return _numel(view.out_shape) * _numel(_weight_shape(view)[1:])
+
+
+def _conv_transpose_macs(view: OpView) -> int:
+    # each input element scatters into Cout / groups * prod(kernel) outputs
+    return _numel(view.in_shape(0)) * _numel(_weight_shape(view)[1:])
+
+
+def _linear_macs(view: OpView) -> int:
+    return _numel(view.out_shape) * _weight_shape(view)[-1]
+
+
+def _matmul_macs(view: OpView) -> int:
+    a = view.in_shape(0)
+    return _numel(view.out_shape) * (a[-1] if len(a) > 1 else 1)
+
+
+def _sdpa_macs(view: OpView) -> int:
+    q, k, v = view.in_shape(0), view.in_shape(1), view.in_shape(2)
+    batch = _numel(q[:-2])
+    length, source = q[-2], k[-2]
+    # q @ k^T (E per score) + attn @ v (Ev per output), per query head
+    return batch * length * source * (q[-1] + v[-1])
+
+
+def _mha_macs(view: OpView) -> int:
+    m: nn.MultiheadAttention = view.module
+    q, k, v = view.in_shape(0), view.in_shape(1), view.in_shape(2)
+    e = m.embed_dim
+    if not m.batch_first:  # (L, B, E) -> count the same way
+        q, k, v = (s[1:2] + s[0:1] + s[2:] for s in (q, k, v))
+    b, length, source = q[0], q[1], k[1]
+    proj = b * (length * q[-1] * e + source * k[-1] * e + source * v[-1] * e)
+    attention = b * length * source * e * 2
+    out = b * length * e * e
+    return proj + attention + out
+
+
+def _op(kind, category, **kw) -> OpDef:
+    return register_op(OpDef(kind, category, **kw))
+
+
+_CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_SIG = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_ATTRS = ("stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+# ---------------------------------------------------------------- weighted ops
+_op("conv", "conv",
+    modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    functions=(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d),
+    aten=("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
+    signature=_CONV_SIG, defaults=_CONV_DEFAULTS, params=("weight", "bias"),
+    attrs=_CONV_ATTRS, macs=_conv_macs)
+_op("conv_transpose", "conv",
+    modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d),
+    aten=("conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+          "conv_transpose2d.input", "conv_transpose1d.default", "conv_transpose3d.input"),
+    signature=_CONV_T_SIG, defaults={**_CONV_DEFAULTS, "output_padding": 0},
+    params=("weight", "bias"), attrs=(*_CONV_ATTRS, "output_padding"),
+    macs=_conv_transpose_macs)
+_op("linear", "linear",
+    modules=(nn.Linear,), functions=(F.linear, torch._C._nn.linear), aten=("linear",),
+    signature=("input", "weight", "bias"), defaults={"bias": None},
+    params=("weight", "bias"), macs=_linear_macs)
+_op("batch_norm", "norm",
+    modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    functions=(F.batch_norm, torch.batch_norm),
+    aten=("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm"),
+    signature=("input", "running_mean", "running_var", "weight", "bias", "training",
+               "momentum", "eps"),
+    defaults={"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+    params=("weight", "bias", "running_mean", "running_var"), attrs=("eps", "momentum"))
+_op("layer_norm", "norm",
+    modules=(nn.LayerNorm,), functions=(F.layer_norm, torch.layer_norm),
+    aten=("layer_norm", "native_layer_norm"),
+    signature=("input", "normalized_shape", "weight", "bias", "eps"),
+    defaults={"weight": None, "bias": None, "eps": 1e-5},
+    params=("weight", "bias"), attrs=("normalized_shape", "eps"))
+_op("group_norm", "norm",
+    modules=(nn.GroupNorm,), functions=(F.group_norm, torch.group_norm),
+    aten=("group_norm", "native_group_norm"),
+    signature=("input", "num_groups", "weight", "bias", "eps"),
+    defaults={"weight": None, "bias": None, "eps": 1e-5},
+    params=("weight", "bias"), attrs=("num_groups", "eps"))
+_op("rms_norm", "norm",
+    modules=tuple(m for m in (getattr(nn, "RMSNorm", None),) if m),
+    functions=tuple(f for f in (getattr(F, "rms_norm", None),) if f), aten=("rms_norm",),
+    signature=("input", "normalized_shape", "weight", "eps"), defaults={"weight": None},
+    params=("weight",), attrs=("normalized_shape", "eps"))
+_op("embedding", "embedding",
+    modules=(nn.Embedding,), functions=(F.embedding, torch.embedding), aten=("embedding",),
+    signature=("input", "weight"), params=("weight",), attrs=("padding_idx",))
+_op("attention", "attention",
+    modules=(nn.MultiheadAttention,), params=("in_proj_weight", "in_proj_bias"),
+    attrs=("embed_dim", "num_heads", "batch_first"), macs=_mha_macs)
+_op("scaled_dot_product", "attention",
+    functions=(F.scaled_dot_product_attention,),
+    aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"),
+    signature=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+    defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None},
+    attrs=("is_causal", "scale", "dropout_p"), macs=_sdpa_macs)
+_op("matmul", "matmul",
+    functions=(torch.matmul, torch.bmm, torch.mm, operator.matmul),
+    methods=("matmul", "bmm", "mm"), aten=("matmul", "bmm", "mm"),
+    signature=("input", "other"), macs=_matmul_macs)
+
+# ---------------------------------------------------------------- activations
+_ACTIVATIONS = {
+    "relu": ((nn.ReLU,), (F.relu, torch.relu), ("relu", "relu_")),
+    "relu6": ((nn.ReLU6,), (F.relu6,), ("relu6",)),
+    "gelu": ((nn.GELU,), (F.gelu,), ("gelu",)),
+    "silu": ((nn.SiLU,), (F.silu,), ("silu", "silu_")),
+    "sigmoid": ((nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid",)),
+    "tanh": ((nn.Tanh,), (torch.tanh, F.tanh), ("tanh",)),
+    "hardswish": ((nn.Hardswish,), (F.hardswish,), ("hardswish", "hardswish_")),
+    "hardsigmoid": ((nn.Hardsigmoid,), (F.hardsigmoid,), ("hardsigmoid", "hardsigmoid_")),
+    "hardtanh": ((nn.Hardtanh,), (F.hardtanh,), ("hardtanh", "hardtanh_")),
+    "leaky_relu": ((nn.LeakyReLU,), (F.leaky_relu,), ("leaky_relu", "leaky_relu_")),
+    "elu": ((nn.ELU,), (F.elu,), ("elu",)),
+    "mish": ((nn.Mish,), (F.mish,), ("mish",)),
+    "softplus": ((nn.Softplus,), (F.softplus,), ("softplus",)),
+}
+for _kind, (_mods, _fns, _aten) in _ACTIVATIONS.items():
+    _op(_kind, "activation", modules=_mods, functions=_fns, methods=(_kind, _kind + "_"),
+        aten=_aten)
+_op("softmax", "softmax", modules=(nn.Softmax,), functions=(F.softmax, torch.softmax),
+    methods=("softmax",), aten=("softmax", "_softmax"), signature=("input", "dim"),
+    attrs=("dim",))
+_op("log_softmax", "softmax", modules=(nn.LogSoftmax,),
+    functions=(F.log_softmax, torch.log_softmax), methods=("log_softmax",),
+    aten=("log_softmax", "_log_softmax"), signature=("input", "dim"), attrs=("dim",))
+
+# ---------------------------------------------------------------- element-wise arithmetic
+_BINARY = ("input", "other")
+_op("add", "elementwise", functions=(operator.add, operator.iadd, torch.add),
+    methods=("add", "add_"), aten=("add",), signature=(*_BINARY, "alpha"),
+    defaults={"alpha": 1})
+_op("sub", "elementwise", functions=(operator.sub, operator.isub, torch.sub),
+    methods=("sub", "sub_"), aten=("sub", "rsub"), signature=(*_BINARY, "alpha"),
+    defaults={"alpha": 1})
+_op("mul", "elementwise", functions=(operator.mul, operator.imul, torch.mul),
+    methods=("mul", "mul_"), aten=("mul",), signature=_BINARY)
+_op("div", "elementwise", functions=(operator.truediv, operator.itruediv, torch.div),
+    methods=("div", "div_"), aten=("div",), signature=_BINARY)
+_op("neg", "elementwise", functions=(operator.neg, torch.neg), methods=("neg",),
+    aten=("neg",))
+_op("pow", "elementwise", functions=(operator.pow, torch.pow), methods=("pow",),
+    aten=("pow",), signature=("input", "exponent"))
+for _kind, _fn in (("exp", torch.exp), ("log", torch.log), ("sqrt", torch.sqrt),
+                   ("rsqrt", torch.rsqrt), ("abs", torch.abs), ("erf", torch.erf)):
+    _op(_kind, "elementwise", functions=(_fn,), methods=(_kind,), aten=(_kind,))
+
+# ---------------------------------------------------------------- tensor plumbing
+_op("cat", "concat", functions=(torch.cat, torch.concat, torch.concatenate),
+    aten=("cat", "concat"), signature=("tensors", "dim"), defaults={"dim": 0},
+    attrs=("dim",))
+_op("stack", "concat", functions=(torch.stack,), aten=("stack",),
+    signature=("tensors", "dim"), defaults={"dim": 0}, attrs=("dim",))
+_op("split", "split", functions=(torch.split, torch.split_with_sizes, torch.tensor_split),
+    methods=("split", "split_with_sizes", "tensor_split"),
+    aten=("split", "split_with_sizes", "tensor_split"),
+    signature=("input", "split_size", "dim"), defaults={"dim": 0}, attrs=("dim",))
+_op("chunk", "split", functions=(torch.chunk,), methods=("chunk",), aten=("chunk",),
+    signature=("input", "chunks", "dim"), defaults={"dim": 0}, attrs=("chunks", "dim"))
+_op("unbind", "split", functions=(torch.unbind,), methods=("unbind",), aten=("unbind",),
+    signature=("input", "dim"), defaults={"dim": 0}, attrs=("dim",))
+_op("reshape", "shape", modules=(nn.Flatten, nn.Unflatten),
+    functions=(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze),
+    methods=("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+             "reshape_as"),
+    aten=("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+          "view_as", "_reshape_alias"),
+    signature=("input", "shape"))
+_op("permute", "layout", functions=(torch.permute,), methods=("permute",), aten=("permute",),
+    signature=("input", "dims"), attrs=("dims",))
+_op("transpose", "layout", functions=(torch.transpose, torch.t),
+    methods=("transpose", "t", "mT"), aten=("transpose", "t", "swapaxes"),
+    signature=("input", "dim0", "dim1"), attrs=("dim0", "dim1"))
+_op("contiguous", "layout", methods=("contiguous",), aten=("contiguous",),
+    signature=("input", "memory_format"))
+_op("clone", "layout", functions=(torch.clone,), methods=("clone",), aten=("clone",))
+_op("to", "cast", methods=("to", "type", "float", "half", "bfloat16", "double"),
+    aten=("to", "_to_copy"), signature=("input", "dtype"))
+_op("expand", "broadcast", methods=("expand", "expand_as", "repeat", "repeat_interleave"),
+    functions=(torch.repeat_interleave,),
+    aten=("expand", "repeat", "repeat_interleave", "expand_as"))
+_op("getitem", "index", functions=(operator.getitem,), aten=("select", "slice", "index"),
+    signature=("input", "index"))
+_op("size", "shape_query", functions=(builtins.getattr,), methods=("size", "dim", "numel"),
+    aten=("sym_size", "sym_numel", "sym_stride", "size", "dim"))
+_op("pad", "shape", functions=(F.pad,), aten=("pad", "constant_pad_nd"),
+    signature=("input", "pad", "mode", "value"))
+_op("interpolate", "resize", modules=(nn.Upsample,), functions=(F.interpolate,),
+    aten=("upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest2d.vec",
+          "upsample_bilinear2d.vec"))
+
+# ---------------------------------------------------------------- pooling and reductions
+_POOL = ("input", "kernel_size", "stride", "padding")
+_op("max_pool", "pooling", modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d),
+    functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d),
+    aten=("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices"),
+    signature=_POOL, attrs=("kernel_size", "stride", "padding"))
+_op("avg_pool", "pooling", modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+    functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
+    aten=("avg_pool1d", "avg_pool2d", "avg_pool3d"),
+    signature=_POOL, attrs=("kernel_size", "stride", "padding"))
+_op("adaptive_avg_pool", "pooling",
+    modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+    functions=(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
+    aten=("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+          "_adaptive_avg_pool2d"),
+    signature=("input", "output_size"), attrs=("output_size",))
+_op("adaptive_max_pool", "pooling", modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
+    functions=(F.adaptive_max_pool1d, F.adaptive_max_pool2d),
+    aten=("adaptive_max_pool1d", "adaptive_max_pool2d"),
+    signature=("input", "output_size"), attrs=("output_size",))
+_RED = ("input", "dim", "keepdim")
+for _kind, _fn in (("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax),
+                   ("amin", torch.amin), ("prod", torch.prod), ("var", torch.var),
+                   ("std", torch.std)):
+    _op(_kind, "reduction", functions=(_fn,), methods=(_kind,), aten=(_kind,), signature=_RED,
+        attrs=("dim", "keepdim"))
+_op("cumsum", "reduction", functions=(torch.cumsum,), methods=("cumsum",), aten=("cumsum",),
+    signature=("input", "dim"), attrs=("dim",))
+
+# ---------------------------------------------------------------- no-ops in inference
+_op("dropout", "dropout",
+    modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
+    functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+               torch.dropout),
+    aten=("dropout", "native_dropout", "feature_dropout", "alpha_dropout"),
+    signature=("input", "p", "training", "inplace"),
+    defaults={"p": 0.5, "training": True, "inplace": False}, attrs=("p",), pure=False)
+_op("identity", "identity", modules=(nn.Identity,), aten=("alias",))

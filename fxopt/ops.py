@@ -1,0 +1,369 @@
+"""The canonical op view: what a node *is*, whatever form it was captured in.
+
+``nn.Conv2d`` as a ``call_module``, ``F.conv2d`` / ``torch.conv2d`` as a ``call_function``
+and ``aten.conv2d.default`` from ``torch.export`` are one op kind (``"conv"``) with one way
+to read attributes and parameters and one way to replace a parameter::
+
+    view = fxopt.ops.op_of(node)
+    view.kind                  # "conv"
+    view.attrs["groups"]       # 1
+    w = view.params["weight"]  # a tensor, or None when computed in the graph
+    view.set_param("weight", w * 2)
+
+Every op is one ``OpDef`` entry in ``OP_TABLE`` (see ``fxopt/op_table.py``): the module
+classes, functions, Tensor methods and ATen packets it covers, the names of its
+arguments (one positional order shared by all forms), which arguments are parameters,
+and how to count its MACs. A node the table does not know has kind ``"opaque"``: fxopt
+never guesses what an unknown op does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+OPAQUE = "opaque"
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One row of the op table.
+
+    ``signature`` lists argument names in positional order for the function, method and
+    ATen forms (ATen overloads use their own schema when it names the same arguments).
+    ``params`` are the arguments that hold weights; ``attrs`` the hyper-parameters.
+    ``module_attrs`` maps a canonical attribute to the module attribute holding it when
+    the names differ (``{"normalized_shape": "normalized_shape"}`` is implied).
+    """
+
+    kind: str
+    category: str
+    modules: tuple[type, ...] = ()
+    functions: tuple[Callable, ...] = ()
+    methods: tuple[str, ...] = ()
+    aten: tuple[str, ...] = ()
+    signature: tuple[str, ...] = ("input",)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+    module_attrs: dict[str, str] = field(default_factory=dict)
+    macs: Callable[[OpView], int] | None = None
+    pure: bool = True
+
+
+OP_TABLE: list[OpDef] = []
+_BY_MODULE: dict[type, OpDef] = {}
+_BY_FUNCTION: dict[Any, OpDef] = {}
+_BY_METHOD: dict[str, OpDef] = {}
+_BY_ATEN: dict[str, OpDef] = {}
+
+
+def register_op(entry: OpDef) -> OpDef:
+    """Add one op to the table; later registrations override earlier ones for a target.
+
+    Example::
+
+        register_op(OpDef("swish", "activation", functions=(my_swish,)))
+    """
+    OP_TABLE.append(entry)
+    for m in entry.modules:
+        _BY_MODULE[m] = entry
+    for f in entry.functions:
+        _BY_FUNCTION[f] = entry
+    for name in entry.methods:
+        _BY_METHOD[name] = entry
+    for name in entry.aten:
+        _BY_ATEN[name] = entry
+    return entry
+
+
+def _aten_keys(target: Any) -> list[str]:
+    """'conv2d.default' and 'conv2d' for aten.conv2d.default."""
+    if isinstance(target, torch._ops.OpOverload):
+        if target.namespace != "aten":
+            return []
+        packet = target._schema.name.split("::")[-1]
+        return [f"{packet}.{target._overloadname}", packet]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return [target._qualified_op_name.split("::")[-1]]
+    return []
+
+
+def lookup(node: fx.Node) -> tuple[OpDef | None, str]:
+    """The table entry for ``node`` and the form it was captured in."""
+    if node.op == "call_module":
+        mod = _owning_module(node).get_submodule(node.target)
+        for cls in type(mod).__mro__:
+            if cls in _BY_MODULE:
+                return _BY_MODULE[cls], "module"
+        return None, "module"
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target), "method"
+    if node.op == "call_function":
+        keys = _aten_keys(node.target)
+        if keys:
+            for k in keys:
+                if k in _BY_ATEN:
+                    return _BY_ATEN[k], "aten"
+            return None, "aten"
+        try:
+            return _BY_FUNCTION.get(node.target), "function"
+        except TypeError:  # unhashable target
+            return None, "function"
+    return None, node.op
+
+
+def _owning_module(node: fx.Node) -> nn.Module:
+    gm = node.graph.owning_module
+    if gm is None:
+        raise ValueError(f"node {node.name} belongs to a graph without an owning module")
+    return gm
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(root: nn.Module, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    owner = _get_path(root, ".".join(parents)) if parents else root
+    if isinstance(getattr(owner, leaf, None), nn.Parameter) or isinstance(value, nn.Parameter):
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        if leaf in owner._buffers:
+            del owner._buffers[leaf]
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    elif isinstance(owner, nn.Module):
+        owner.register_buffer(leaf, value)
+    else:
+        setattr(owner, leaf, value)
+
+
+class OpView:
+    """A node seen through the op table. See the module docstring for an example."""
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+        self.entry, self.form = lookup(node)
+        self.kind = self.entry.kind if self.entry else OPAQUE
+        self.category = self.entry.category if self.entry else OPAQUE
+        self.module = (
+            _owning_module(node).get_submodule(node.target) if node.op == "call_module" else None
+        )
+        self._bound = self._bind() if self.entry and self.form != "module" else {}
+
+    # ------------------------------------------------------------------ binding
+    def _names(self) -> tuple[str, ...]:
+        target = self.node.target
+        if self.form == "aten" and isinstance(target, torch._ops.OpOverload):
+            schema_names = tuple(a.name for a in target._schema.arguments)
+            if set(self.entry.signature) <= set(schema_names) or not self.entry.signature:
+                return schema_names
+        return self.entry.signature
+
+    def _bind(self) -> dict[str, Any]:
+        names = self._names()
+        bound = dict(self.entry.defaults)
+        if self.form == "aten" and isinstance(self.node.target, torch._ops.OpOverload):
+            for a in self.node.target._schema.arguments:
+                if a.has_default_value():
+                    bound[a.name] = a.default_value
+        args = self.node.args
+        if len(args) > len(names):  # e.g. varargs x.view(2, 3) / x.permute(0, 2, 1)
+            bound.update(zip(names[:-1], args[: len(names) - 1]))
+            bound[names[-1]] = tuple(args[len(names) - 1 :])
+        else:
+            bound.update(zip(names, args))
+        bound.update(self.node.kwargs)
+        return bound
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def known(self) -> bool:
+        return self.entry is not None
+
+    @property
+    def input(self) -> fx.Node | None:
+        """The main activation input (first tensor argument)."""
+        if not self.node.args:
+            return self._bound.get("input") if isinstance(self._bound.get("input"), fx.Node) else None
+        first = self.node.args[0]
+        return first if isinstance(first, fx.Node) else None
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """A bound argument of a function/method/ATen form (nodes stay nodes)."""
+        return self._bound.get(name, default)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        if not self.entry:
+            return {}
+        if self.module is not None:
+            out = {}
+            for a in self.entry.attrs:
+                src = self.entry.module_attrs.get(a, a)
+                if hasattr(self.module, src):
+                    out[a] = getattr(self.module, src)
+            return out
+        return {a: self._bound[a] for a in self.entry.attrs if a in self._bound}
+
+    def param_node(self, name: str) -> fx.Node | None:
+        """The graph node feeding parameter ``name`` (function/ATen forms), else None."""
+        value = self._bound.get(name)
+        return value if isinstance(value, fx.Node) else None
+
+    @property
+    def params(self) -> dict[str, torch.Tensor | None]:
+        """Parameter tensors by canonical name; None if absent or computed in the graph."""
+        if not self.entry:
+            return {}
+        if self.module is not None:
+            return {p: getattr(self.module, p, None) for p in self.entry.params}
+        out: dict[str, torch.Tensor | None] = {}
+        root = _owning_module(self.node)
+        for p in self.entry.params:
+            src = self._bound.get(p)
+            if isinstance(src, fx.Node) and src.op == "get_attr":
+                out[p] = _get_path(root, src.target)
+            elif isinstance(src, torch.Tensor):
+                out[p] = src
+            else:
+                out[p] = None
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def set_param(self, name: str, value: torch.Tensor | None) -> None:
+        """Replace parameter ``name`` with ``value`` in every capture form.
+
+        A get_attr shared with other nodes is not overwritten: a fresh attribute is
+        registered for this node alone, so tied weights elsewhere keep their value.
+        """
+        if not self.entry or name not in self.entry.params:
+            raise KeyError(f"{self.kind} op {self.node.name} has no parameter {name!r}")
+        if self.module is not None:
+            old = getattr(self.module, name, None)
+            if value is None:
+                setattr(self.module, name, None)
+            elif isinstance(old, nn.Parameter) or old is None and name in ("weight", "bias"):
+                setattr(self.module, name, nn.Parameter(value, requires_grad=False))
+            else:
+                self.module.register_buffer(name, value)
+            return
+        graph, root = self.node.graph, _owning_module(self.node)
+        src = self._bound.get(name)
+        if value is None:
+            self._replace_arg(name, None)
+            return
+        if isinstance(src, fx.Node) and src.op == "get_attr" and len(src.users) == 1:
+            _set_path(root, src.target, value)
+            return
+        attr = _fresh_attr(root, f"{self.node.name}_{name}")
+        root.register_buffer(attr, value)
+        with graph.inserting_before(self.node):
+            new = graph.get_attr(attr)
+        self._replace_arg(name, new)
+
+    def _replace_arg(self, name: str, value: Any) -> None:
+        names = self._names()
+        idx = names.index(name) if name in names else None
+        args = list(self.node.args)
+        if idx is not None and idx < len(args):
+            args[idx] = value
+            self.node.args = tuple(args)
+        elif name in self.node.kwargs or idx is None:
+            self.node.kwargs = {**self.node.kwargs, name: value}
+        else:  # positional slot not yet present: fill defaults up to it
+            while len(args) < idx:
+                args.append(self._bound.get(names[len(args)]))
+            args.append(value)
+            self.node.args = tuple(args)
+        self._bound[name] = value
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        s = self.node.meta.get("shape")
+        return tuple(s) if isinstance(s, (tuple, torch.Size)) else None
+
+    def in_shape(self, i: int = 0) -> tuple[int, ...] | None:
+        """Shape of the ``i``-th tensor argument (repeats kept: ``mha(x, x, x)`` has three)."""
+        flat = [a for a in _flat_nodes((self.node.args, self.node.kwargs)) if a.op != "get_attr"]
+        if i >= len(flat):
+            return None
+        s = flat[i].meta.get("shape")
+        return tuple(s) if isinstance(s, (tuple, torch.Size)) else None
+
+    def macs(self) -> int:
+        """Multiply-accumulates of this op at the captured shapes (0 when not counted)."""
+        if not self.entry or self.entry.macs is None:
+            return 0
+        try:
+            return int(self.entry.macs(self))
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return 0
+
+    def __repr__(self) -> str:
+        return f"OpView({self.node.name}: {self.kind} [{self.form}])"
+
+
+def _flat_nodes(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
+def _fresh_attr(root: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(root, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def op_of(node: fx.Node) -> OpView:
+    """The canonical view of ``node``: kind, form, params, attrs, MACs.
+
+    Example::
+
+        kinds = [fxopt.ops.op_of(n).kind for n in gm.graph.nodes]
+    """
+    return OpView(node)
+
+
+def kind_of(node: fx.Node) -> str:
+    """Just the kind (``"conv"``, ``"add"``, ``"opaque"``, ...)."""
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    entry, _ = lookup(node)
+    return entry.kind if entry else OPAQUE
+
+
+def count_kinds(gm: fx.GraphModule) -> Counter:
+    """How many nodes of each kind a graph holds (placeholders etc. excluded)."""
+    return Counter(
+        kind_of(n) for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+    )
+
+
+def is_pure(node: fx.Node) -> bool:
+    """False for ops with side effects or randomness (and for unknown ops)."""
+    if node.op in ("placeholder", "output"):
+        return False
+    if node.op == "get_attr":
+        return True
+    entry, _ = lookup(node)
+    return bool(entry and entry.pure)
+
+
+# The table itself lives in its own file; importing it fills OP_TABLE.
+from fxopt import op_table as _op_table  # noqa: E402,F401

@@ -1,0 +1,159 @@
+"""The pass contract: ``(gm, ctx) -> PassResult(gm, modified, stats)``, and the registry.
+
+A pass is a function registered by name with a semantics class::
+
+    @register_pass("remove_dropout", Semantics.EXACT)
+    def remove_dropout(gm, ctx) -> PassResult:
+        ...
+        return PassResult(gm, modified=n > 0, stats={"removed": n})
+
+``Pass("prune", ratio=0.5)`` configures a registered pass; the PassManager runs it and
+verifies the result with a tolerance chosen by the semantics class.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+import torch.fx as fx
+
+from fxopt.errors import SpecError
+
+
+class Semantics(str, Enum):
+    """What a pass promises about the function the graph computes."""
+
+    EXACT = "exact"  # same function up to float round-off
+    APPROXIMATE = "approximate"  # close (quantize, fp16): looser tolerance
+    CHANGES = "changes-function"  # different on purpose (prune): checked for sanity only
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) graph, whether it changed, and statistics."""
+
+    gm: fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: example inputs, calibration data, notes."""
+
+    example_inputs: tuple
+    calibration: Iterable | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: Callable[..., PassResult]
+    semantics: Semantics
+    doc: str
+
+    @property
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        params = list(inspect.signature(self.fn).parameters.values())[2:]
+        return {p.name: p for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
+
+
+REGISTRY: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, semantics: Semantics = Semantics.EXACT):
+    """Register ``fn(gm, ctx, **params) -> PassResult`` under ``name``.
+
+    Example::
+
+        @register_pass("my_pass")
+        def my_pass(gm, ctx, *, threshold: float = 0.5) -> PassResult: ...
+    """
+
+    def decorate(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        REGISTRY[name] = PassInfo(name, fn, Semantics(semantics), doc)
+        return fn
+
+    return decorate
+
+
+def known_passes() -> list[str]:
+    """Names of all registered passes, sorted."""
+    _load_builtin_passes()
+    return sorted(REGISTRY)
+
+
+def lookup_pass(name: str) -> PassInfo:
+    _load_builtin_passes()
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise SpecError(
+            f"unknown pass {name!r}{hint}; known passes: {', '.join(known_passes())}"
+        )
+    return REGISTRY[name]
+
+
+class Pass:
+    """A registered pass with its arguments bound: ``Pass("prune", ratio=0.5)``.
+
+    ``tolerance`` (a ``fxopt.verify.Tolerance``) overrides the semantics-class tolerance
+    for this pass alone.
+    """
+
+    def __init__(self, name: str, *, tolerance: Any = None, **params: Any):
+        self.info = lookup_pass(name)
+        allowed = self.info.parameters
+        unknown = [k for k in params if k not in allowed]
+        if unknown:
+            accepted = ", ".join(allowed) or "none"
+            raise SpecError(
+                f"pass {name!r} got unknown argument(s) {', '.join(unknown)}; "
+                f"it accepts: {accepted}"
+            )
+        self.params = params
+        self.tolerance = tolerance
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def semantics(self) -> Semantics:
+        return self.info.semantics
+
+    @property
+    def spec(self) -> str:
+        """The pipeline-spec text of this pass, e.g. ``prune(ratio=0.5)``."""
+        if not self.params:
+            return self.name
+        args = ",".join(f"{k}={_format_value(v)}" for k, v in self.params.items())
+        return f"{self.name}({args})"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return self.info.fn(gm, ctx, **self.params)
+
+    def __repr__(self) -> str:
+        return f"Pass({self.spec})"
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_format_value(x) for x in v) + "]"
+    if isinstance(v, str) and not v.isidentifier():
+        return repr(v)
+    return str(v)
+
+
+def _load_builtin_passes() -> None:
+    # importing the pass modules registers them
+    import fxopt.passes  # noqa: F401
