@@ -10,9 +10,10 @@ Example::
     fxopt.load("out/model")(x)
 """
 
-from fxopt import ops
+from fxopt import inspect, ops
 from fxopt.capture import capture
 from fxopt.errors import CaptureError, FxoptError, LoweringError, PassError, SpecError
+from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
@@ -34,6 +35,9 @@ __all__ = [
     "SpecError",
     "Tolerance",
     "capture",
+    "inspect",
+    "load",
+    "lower",
     "ops",
     "optimize",
     "parse_pipeline",

@@ -12,8 +12,9 @@ import copy
 import os
 import traceback
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -73,11 +74,25 @@ def capture(
     reference = _run_model(work, inputs)
 
     if mode == "symbolic":
-        gm = _symbolic(work, leaf_modules, concrete_args)
+        try:
+            gm = _symbolic(work, leaf_modules, concrete_args)
+        except CaptureError as e:
+            raise CaptureError(
+                f"symbolic_trace could not capture {type(model).__name__}: {e}\nTry: "
+                "mode='export' (or 'auto'), leaf_modules=[...] for the submodule that fails "
+                "to trace, or concrete_args={...} for Python-level flags."
+            ) from e
         info = CaptureInfo(mode, "symbolic", "requested", dynamic_batch=False)
         return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
     if mode == "export":
-        gm = _export(work, inputs, dynamic_batch)
+        try:
+            gm = _export(work, inputs, dynamic_batch)
+        except CaptureError as e:
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__}: {e}\nTry: "
+                "mode='symbolic' (with leaf_modules=[...] or concrete_args={...} where needed), "
+                "or rewrite data-dependent control flow with torch.cond / torch.where."
+            ) from e
         info = CaptureInfo(mode, "export", "requested", dynamic_batch=False)
         return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
 
@@ -145,16 +160,24 @@ def _describe(x: Any) -> str:
 
 
 class _LeafTracer(fx.Tracer):
+    """Keeps torch.nn's own leaves and, in addition, whatever the policy names."""
+
     def __init__(self, policy: LeafPolicy):
         super().__init__()
+        # a lone class or name is a one-item list (a class is callable, so check it first);
+        # an iterable is materialised because is_leaf_module is asked once per submodule
+        if isinstance(policy, (type, str)):
+            policy = (policy,)
+        elif policy is not None and not callable(policy):
+            policy = tuple(policy)
         self.policy = policy
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         policy = self.policy
         if policy is None:
             return super().is_leaf_module(m, qualname)
-        if callable(policy) and not isinstance(policy, (list, tuple, set)):
-            return bool(policy(m, qualname))
+        if callable(policy):
+            return bool(policy(m, qualname)) or super().is_leaf_module(m, qualname)
         for item in policy:
             if isinstance(item, str) and (qualname == item or type(m).__name__ == item):
                 return True
@@ -253,6 +276,7 @@ def _finish(
         if dynamic_batch:
             info.dynamic_batch = _check_other_batch(gm, model, inputs, info)
     gm.meta["fxopt"] = {
+        "model": type(model).__name__,
         "capture": asdict(info),
         "pipeline": [],
         "inputs": [_spec(x, info.dynamic_batch) for x in inputs],
@@ -372,9 +396,10 @@ def _module_path(node: fx.Node) -> str:
     if node.op == "get_attr":
         return str(node.target).rpartition(".")[0]
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return str(path)
+    for path, _ in reversed(list((stack or {}).values())):
+        # torch.export tags nodes it made outside any module with a placeholder entry
+        if not str(path).startswith("_empty_nn_module_stack"):
+            return str(path)
     return ""
 
 
@@ -388,6 +413,9 @@ _SKIP = (
 )
 
 
+_ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo.py")
+
+
 def _user_location(e: BaseException) -> str:
     """file:line (and source) of the deepest frame outside torch and fxopt."""
     frames = []
@@ -397,7 +425,7 @@ def _user_location(e: BaseException) -> str:
         err = err.__cause__ or err.__context__
         if err is e:
             break
-    user = [f for f in frames if not f.filename.startswith(_SKIP)]
+    user = [f for f in frames if not f.filename.startswith(_SKIP) or f.filename == _ZOO]
     if not user:
         return "an unknown location"
     f = user[-1]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -107,11 +109,11 @@ class OptimizeResult:
 
 
 def graph_stats(gm: fx.GraphModule) -> tuple[int, int, int]:
-    """(nodes, weights incl. buffers, MACs) of an annotated graph."""
+    """(nodes, weight elements incl. buffers, MACs) of an annotated graph."""
     nodes = sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     seen, params = set(), 0
     for t in list(gm.parameters()) + list(gm.buffers()):
-        if t.is_floating_point() and id(t) not in seen:
+        if t.dim() > 0 and id(t) not in seen:  # skips scalar counters (num_batches_tracked)
             seen.add(id(t))
             params += t.numel()
     macs = sum(op_of(n).macs() for n in gm.graph.nodes if n.op.startswith("call"))
@@ -181,7 +183,7 @@ class PassManager:
                 self.progress(f"[{index + 1}/{len(self.passes)}] {p.spec}")
             before_stats = graph_stats(gm)
             before_code = gm.code
-            before = copy.deepcopy(gm) if self.verify else None
+            before = _copy_graph_module(gm) if self.verify else None
             start = time.perf_counter()
             result = self._run_one(p, gm, ctx, report)
             seconds = time.perf_counter() - start
@@ -262,6 +264,13 @@ class PassManager:
         )
 
 
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    # deep-copying a pytree codegen trips torch's own LeafSpec deprecation warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm)
+
+
 def _history(report: Report) -> str:
     done = [r.spec for r in report.records]
     return f" (passes before it: {', '.join(done) if done else 'none'})"
@@ -292,7 +301,7 @@ def optimize(
                           progress=progress)
     inputs = normalize_inputs(example_inputs)
     if isinstance(model, fx.GraphModule) and "fxopt" in model.meta:
-        gm = copy.deepcopy(model)
+        gm = _copy_graph_module(model)
     else:
         gm = capture(model, inputs, mode=mode, **capture_options)
     return manager.run(gm, inputs, calibration=calibration)

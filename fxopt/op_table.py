@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+import re
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,10 @@ def _linear_macs(view: OpView) -> int:
 
 
 def _matmul_macs(view: OpView) -> int:
-    a = view.in_shape(0)
-    return _numel(view.out_shape) * (a[-1] if len(a) > 1 else 1)
+    # K is the first operand's last dim, whether it is an activation or a get_attr weight
+    first = view.node.args[0]
+    a = first.meta["shape"] if hasattr(first, "meta") else tuple(first.shape)
+    return _numel(view.out_shape or (1,)) * a[-1]
 
 
 def _sdpa_macs(view: OpView) -> int:
@@ -70,12 +73,53 @@ def _mha_macs(view: OpView) -> int:
     return proj + attention + out
 
 
+def _spatial_rank(view: OpView) -> int | None:
+    """2 for Conv2d / F.max_pool2d / aten.conv2d.default, from the op's own name."""
+    target = view.module if view.module is not None else view.node.target
+    name = type(target).__name__ if view.module is not None else getattr(target, "__name__", "")
+    found = re.search(r"([123])d", str(name))
+    return int(found.group(1)) if found else None
+
+
+def _per_dim(*keys: str):
+    """``normalize`` for conv/pool attrs: ints become one entry per spatial dim, and a pool's
+    missing stride is its kernel size (as nn.MaxPool2d and F.max_pool2d define it)."""
+
+    def normalize(attrs: dict, view: OpView) -> dict:
+        if "kernel_size" in attrs and attrs.get("stride") in (None, ()):
+            attrs["stride"] = attrs["kernel_size"]
+        rank = _spatial_rank(view)
+        for key in keys:
+            value = attrs.get(key)
+            if rank and isinstance(value, int) and not isinstance(value, bool):
+                attrs[key] = (value,) * rank
+        return attrs
+
+    return normalize
+
+
+def _no_padding_is_none(attrs: dict, view: OpView) -> dict:
+    """nn.Embedding says ``padding_idx=None`` where torch.embedding / ATen say -1."""
+    if attrs.get("padding_idx", -1) == -1:
+        attrs["padding_idx"] = None
+    return attrs
+
+
+def _dims_as_tuple(attrs: dict, view: OpView) -> dict:
+    """``x.sum(1)`` reduces over ``(1,)``, as aten.sum.dim_IntList spells it."""
+    if isinstance(attrs.get("dim"), int):
+        attrs["dim"] = (attrs["dim"],)
+    return attrs
+
+
 def _op(kind, category, **kw) -> OpDef:
     return register_op(OpDef(kind, category, **kw))
 
 
 _CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_T_SIG = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_T_SIG = (
+    "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation",
+)
 _CONV_ATTRS = ("stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -85,7 +129,7 @@ _op("conv", "conv",
     functions=(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d),
     aten=("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
     signature=_CONV_SIG, defaults=_CONV_DEFAULTS, params=("weight", "bias"),
-    attrs=_CONV_ATTRS, macs=_conv_macs)
+    attrs=_CONV_ATTRS, macs=_conv_macs, normalize=_per_dim("stride", "padding", "dilation"))
 _op("conv_transpose", "conv",
     modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
     functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -94,18 +138,25 @@ _op("conv_transpose", "conv",
           "conv_transpose2d.input", "conv_transpose1d.default", "conv_transpose3d.input"),
     signature=_CONV_T_SIG, defaults={**_CONV_DEFAULTS, "output_padding": 0},
     params=("weight", "bias"), attrs=(*_CONV_ATTRS, "output_padding"),
-    macs=_conv_transpose_macs)
+    macs=_conv_transpose_macs,
+    normalize=_per_dim("stride", "padding", "dilation", "output_padding"))
 _op("linear", "linear",
     modules=(nn.Linear,), functions=(F.linear, torch._C._nn.linear), aten=("linear",),
     signature=("input", "weight", "bias"), defaults={"bias": None},
     params=("weight", "bias"), macs=_linear_macs)
 _op("batch_norm", "norm",
     modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
-    functions=(F.batch_norm, torch.batch_norm),
+    functions=(F.batch_norm,),
     aten=("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm"),
     signature=("input", "running_mean", "running_var", "weight", "bias", "training",
                "momentum", "eps"),
     defaults={"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+    params=("weight", "bias", "running_mean", "running_var"), attrs=("eps", "momentum"))
+_op("batch_norm", "norm",  # torch.batch_norm orders its arguments like the ATen schema
+    functions=(torch.batch_norm,),
+    signature=("input", "weight", "bias", "running_mean", "running_var", "training",
+               "momentum", "eps", "cudnn_enabled"),
+    defaults={"training": False, "momentum": 0.1, "eps": 1e-5},
     params=("weight", "bias", "running_mean", "running_var"), attrs=("eps", "momentum"))
 _op("layer_norm", "norm",
     modules=(nn.LayerNorm,), functions=(F.layer_norm, torch.layer_norm),
@@ -125,8 +176,12 @@ _op("rms_norm", "norm",
     signature=("input", "normalized_shape", "weight", "eps"), defaults={"weight": None},
     params=("weight",), attrs=("normalized_shape", "eps"))
 _op("embedding", "embedding",
-    modules=(nn.Embedding,), functions=(F.embedding, torch.embedding), aten=("embedding",),
-    signature=("input", "weight"), params=("weight",), attrs=("padding_idx",))
+    modules=(nn.Embedding,), functions=(F.embedding,), aten=("embedding",),
+    signature=("input", "weight", "padding_idx"), params=("weight",), attrs=("padding_idx",),
+    normalize=_no_padding_is_none)
+_op("embedding", "embedding",  # torch.embedding takes the table first, like aten.embedding
+    functions=(torch.embedding,), signature=("weight", "input", "padding_idx"),
+    params=("weight",), attrs=("padding_idx",), normalize=_no_padding_is_none)
 _op("attention", "attention",
     modules=(nn.MultiheadAttention,), params=("in_proj_weight", "in_proj_bias"),
     attrs=("embed_dim", "num_heads", "batch_first"), macs=_mha_macs)
@@ -173,8 +228,11 @@ _op("add", "elementwise", functions=(operator.add, operator.iadd, torch.add),
     methods=("add", "add_"), aten=("add",), signature=(*_BINARY, "alpha"),
     defaults={"alpha": 1})
 _op("sub", "elementwise", functions=(operator.sub, operator.isub, torch.sub),
-    methods=("sub", "sub_"), aten=("sub", "rsub"), signature=(*_BINARY, "alpha"),
+    methods=("sub", "sub_"), aten=("sub",), signature=(*_BINARY, "alpha"),
     defaults={"alpha": 1})
+# rsub(x, c) is c - x (export writes ``1 - x`` so): not a sub whose "x - 0" is a no-op
+_op("rsub", "elementwise", functions=(torch.rsub,), methods=("rsub",), aten=("rsub",),
+    signature=(*_BINARY, "alpha"), defaults={"alpha": 1})
 _op("mul", "elementwise", functions=(operator.mul, operator.imul, torch.mul),
     methods=("mul", "mul_"), aten=("mul",), signature=_BINARY)
 _op("div", "elementwise", functions=(operator.truediv, operator.itruediv, torch.div),
@@ -233,30 +291,36 @@ _op("interpolate", "resize", modules=(nn.Upsample,), functions=(F.interpolate,),
 
 # ---------------------------------------------------------------- pooling and reductions
 _POOL = ("input", "kernel_size", "stride", "padding")
+_POOL_DEFAULTS = {"stride": None, "padding": 0}
+_POOL_NORMALIZE = _per_dim("kernel_size", "stride", "padding")
 _op("max_pool", "pooling", modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d),
     functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d),
     aten=("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices"),
-    signature=_POOL, attrs=("kernel_size", "stride", "padding"))
+    signature=_POOL, defaults=_POOL_DEFAULTS, attrs=("kernel_size", "stride", "padding"),
+    normalize=_POOL_NORMALIZE)
 _op("avg_pool", "pooling", modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
     functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
     aten=("avg_pool1d", "avg_pool2d", "avg_pool3d"),
-    signature=_POOL, attrs=("kernel_size", "stride", "padding"))
+    signature=_POOL, defaults=_POOL_DEFAULTS, attrs=("kernel_size", "stride", "padding"),
+    normalize=_POOL_NORMALIZE)
 _op("adaptive_avg_pool", "pooling",
     modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
     functions=(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
     aten=("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
           "_adaptive_avg_pool2d"),
-    signature=("input", "output_size"), attrs=("output_size",))
+    signature=("input", "output_size"), attrs=("output_size",),
+    normalize=_per_dim("output_size"))
 _op("adaptive_max_pool", "pooling", modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
     functions=(F.adaptive_max_pool1d, F.adaptive_max_pool2d),
     aten=("adaptive_max_pool1d", "adaptive_max_pool2d"),
-    signature=("input", "output_size"), attrs=("output_size",))
+    signature=("input", "output_size"), attrs=("output_size",),
+    normalize=_per_dim("output_size"))
 _RED = ("input", "dim", "keepdim")
 for _kind, _fn in (("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax),
                    ("amin", torch.amin), ("prod", torch.prod), ("var", torch.var),
                    ("std", torch.std)):
     _op(_kind, "reduction", functions=(_fn,), methods=(_kind,), aten=(_kind,), signature=_RED,
-        attrs=("dim", "keepdim"))
+        defaults={"keepdim": False}, attrs=("dim", "keepdim"), normalize=_dims_as_tuple)
 _op("cumsum", "reduction", functions=(torch.cumsum,), methods=("cumsum",), aten=("cumsum",),
     signature=("input", "dim"), attrs=("dim",))
 
@@ -269,3 +333,5 @@ _op("dropout", "dropout",
     signature=("input", "p", "training", "inplace"),
     defaults={"p": 0.5, "training": True, "inplace": False}, attrs=("p",), pure=False)
 _op("identity", "identity", modules=(nn.Identity,), aten=("alias",))
+# torch.export checks dtype/device after casts; a check has effects, so it is not pure
+_op("assert_metadata", "check", aten=("_assert_tensor_metadata",), pure=False)

@@ -19,9 +19,11 @@ never guesses what an unknown op does.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -54,6 +56,8 @@ class OpDef:
     module_attrs: dict[str, str] = field(default_factory=dict)
     macs: Callable[[OpView], int] | None = None
     pure: bool = True
+    # brings ``attrs`` of every form to one spelling (conv ``stride=2`` -> ``(2, 2)``)
+    normalize: Callable[[dict[str, Any], OpView], dict[str, Any]] | None = None
 
 
 OP_TABLE: list[OpDef] = []
@@ -149,6 +153,15 @@ def _set_path(root: nn.Module, path: str, value: Any) -> None:
         setattr(owner, leaf, value)
 
 
+def _aten_name(name: str, target: torch._ops.OpOverload) -> str:
+    """Our name for an ATen schema argument: ``self`` (and embedding's ``indices``) is ``input``."""
+    if name in ("self", "indices"):
+        others = {a.name for a in target._schema.arguments}
+        if "input" not in others and (name == "self" or "self" not in others):
+            return "input"
+    return name
+
+
 class OpView:
     """A node seen through the op table. See the module docstring for an example."""
 
@@ -166,25 +179,29 @@ class OpView:
     def _names(self) -> tuple[str, ...]:
         target = self.node.target
         if self.form == "aten" and isinstance(target, torch._ops.OpOverload):
-            schema_names = tuple(a.name for a in target._schema.arguments)
-            if set(self.entry.signature) <= set(schema_names) or not self.entry.signature:
-                return schema_names
+            # the schema is the truth for ATen (aten.embedding takes weight first); only its
+            # name for the main tensor differs from ours
+            return tuple(_aten_name(a.name, target) for a in target._schema.arguments)
         return self.entry.signature
 
     def _bind(self) -> dict[str, Any]:
         names = self._names()
         bound = dict(self.entry.defaults)
-        if self.form == "aten" and isinstance(self.node.target, torch._ops.OpOverload):
-            for a in self.node.target._schema.arguments:
+        target = self.node.target
+        kwargs = dict(self.node.kwargs)
+        if self.form == "aten" and isinstance(target, torch._ops.OpOverload):
+            bound = {k: v for k, v in bound.items() if k in names}  # schema names rule here
+            for name, a in zip(names, target._schema.arguments, strict=True):
                 if a.has_default_value():
-                    bound[a.name] = a.default_value
+                    bound[name] = a.default_value
+            kwargs = {_aten_name(k, target): v for k, v in kwargs.items()}
         args = self.node.args
         if len(args) > len(names):  # e.g. varargs x.view(2, 3) / x.permute(0, 2, 1)
             bound.update(zip(names[:-1], args[: len(names) - 1]))
             bound[names[-1]] = tuple(args[len(names) - 1 :])
         else:
             bound.update(zip(names, args))
-        bound.update(self.node.kwargs)
+        bound.update(kwargs)
         return bound
 
     # ------------------------------------------------------------------ reading
@@ -194,10 +211,11 @@ class OpView:
 
     @property
     def input(self) -> fx.Node | None:
-        """The main activation input (first tensor argument)."""
-        if not self.node.args:
-            return self._bound.get("input") if isinstance(self._bound.get("input"), fx.Node) else None
-        first = self.node.args[0]
+        """The main activation input (the ``input`` argument, else the first argument)."""
+        bound = self._bound.get("input")
+        if isinstance(bound, fx.Node):
+            return bound
+        first = self.node.args[0] if self.node.args else None
         return first if isinstance(first, fx.Node) else None
 
     def arg(self, name: str, default: Any = None) -> Any:
@@ -214,8 +232,11 @@ class OpView:
                 src = self.entry.module_attrs.get(a, a)
                 if hasattr(self.module, src):
                     out[a] = getattr(self.module, src)
-            return out
-        return {a: self._bound[a] for a in self.entry.attrs if a in self._bound}
+        else:
+            out = {a: self._bound[a] for a in self.entry.attrs if a in self._bound}
+        # ATen schemas give int[] where modules give tuples: one spelling for all forms
+        out = {a: tuple(v) if isinstance(v, list) else v for a, v in out.items()}
+        return self.entry.normalize(out, self) if self.entry.normalize else out
 
     def param_node(self, name: str) -> fx.Node | None:
         """The graph node feeding parameter ``name`` (function/ATen forms), else None."""
@@ -245,13 +266,23 @@ class OpView:
     def set_param(self, name: str, value: torch.Tensor | None) -> None:
         """Replace parameter ``name`` with ``value`` in every capture form.
 
-        A get_attr shared with other nodes is not overwritten: a fresh attribute is
-        registered for this node alone, so tied weights elsewhere keep their value.
+        A tensor other nodes also read (a get_attr with other users, or a weight tied to a
+        module called elsewhere, as in ``F.linear(h, self.embed.weight)``) is not overwritten:
+        a fresh attribute is registered for this node alone, so tied weights elsewhere keep
+        their value. A module called from several nodes changes for all of them.
         """
         if not self.entry or name not in self.entry.params:
             raise KeyError(f"{self.kind} op {self.node.name} has no parameter {name!r}")
+        graph, root = self.node.graph, _owning_module(self.node)
         if self.module is not None:
             old = getattr(self.module, name, None)
+            path = f"{self.node.target}.{name}"
+            readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
+            if readers and isinstance(old, torch.Tensor):  # keep the old tensor for them
+                keep = _fresh_attr(root, path.replace(".", "_"))
+                root.register_buffer(keep, old.detach())
+                for n in readers:
+                    n.target = keep
             if value is None:
                 setattr(self.module, name, None)
             elif isinstance(old, nn.Parameter) or old is None and name in ("weight", "bias"):
@@ -259,12 +290,16 @@ class OpView:
             else:
                 self.module.register_buffer(name, value)
             return
-        graph, root = self.node.graph, _owning_module(self.node)
         src = self._bound.get(name)
         if value is None:
             self._replace_arg(name, None)
             return
-        if isinstance(src, fx.Node) and src.op == "get_attr" and len(src.users) == 1:
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "get_attr"
+            and len(src.users) == 1
+            and not _read_elsewhere(graph, src)
+        ):
             _set_path(root, src.target, value)
             return
         attr = _fresh_attr(root, f"{self.node.name}_{name}")
@@ -322,6 +357,20 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
     return out
 
 
+def _read_elsewhere(graph: fx.Graph, src: fx.Node) -> bool:
+    """Whether a node besides get_attr ``src`` reads its attribute (same path, or through a
+    call of the module that owns it)."""
+    path = str(src.target)
+    for n in graph.nodes:
+        if n is src:
+            continue
+        if n.op == "get_attr" and n.target == path:
+            return True
+        if n.op == "call_module" and path.startswith(f"{n.target}."):
+            return True
+    return False
+
+
 def _fresh_attr(root: nn.Module, base: str) -> str:
     name, i = base, 0
     while hasattr(root, name):
@@ -356,13 +405,46 @@ def count_kinds(gm: fx.GraphModule) -> Counter:
 
 
 def is_pure(node: fx.Node) -> bool:
-    """False for ops with side effects or randomness (and for unknown ops)."""
+    """False for ops with side effects or randomness, in-place ops, and unknown ops."""
     if node.op in ("placeholder", "output"):
         return False
     if node.op == "get_attr":
         return True
+    if is_inplace(node):
+        return False
     entry, _ = lookup(node)
     return bool(entry and entry.pure)
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """True if ``node`` writes into one of its inputs (``x.add_(1)``, ``F.relu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)``, ``aten.add_``): its result may be unused yet still matter.
+
+    Example::
+
+        [n.name for n in gm.graph.nodes if fxopt.ops.is_inplace(n)]   # ['add_']
+    """
+    target = node.target
+    if node.op == "call_method":
+        return target.endswith("_") and not target.endswith("__")
+    if node.op == "call_module":
+        return bool(getattr(_owning_module(node).get_submodule(target), "inplace", False))
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        if target in _INPLACE_OPERATORS:
+            return True
+    except TypeError:  # unhashable target
+        return False
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 # The table itself lives in its own file; importing it fills OP_TABLE.

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fxopt.errors import SpecError
 from fxopt.passes.base import Pass, known_passes
@@ -101,7 +102,8 @@ class _Tokens:
                 break
             m = _TOKEN.match(text, pos)
             if not m or m.end() == pos:
-                self.fail(pos + (len(text[pos:]) - len(text[pos:].lstrip())), "unexpected character")
+                skipped = len(text[pos:]) - len(text[pos:].lstrip())
+                self.fail(pos + skipped, "unexpected character")
             kind = m.lastgroup
             start = m.start(kind)
             self.items.append((kind, m.group(kind), start))

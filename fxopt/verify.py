@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -23,8 +24,10 @@ class Tolerance:
         if not math.isfinite(max_abs):
             return False
         if max_abs > self.atol + self.rtol * ref_scale:
-            return self.min_cosine is not None and cosine >= self.min_cosine
-        return True
+            return False
+        # the floor is a second condition, never a way out: cosine is blind to scale, so
+        # an output 1.5x too large has cosine 1.0
+        return self.min_cosine is None or cosine >= self.min_cosine
 
 
 # float32 round-off after re-association (folding, reordering) across a deep network stays
@@ -89,7 +92,11 @@ def compare_outputs(want: Any, got: Any, tolerance: Tolerance = EXACT) -> Compar
 def _compare_leaf(w: Any, g: Any) -> dict:
     if not isinstance(w, torch.Tensor):
         same = w == g if not isinstance(g, torch.Tensor) else False
-        return {"max_abs": 0.0 if same else math.inf, "ref_scale": 0.0, "cosine": 1.0 if same else 0.0}
+        return {
+            "max_abs": 0.0 if same else math.inf,
+            "ref_scale": 0.0,
+            "cosine": 1.0 if same else 0.0,
+        }
     if not isinstance(g, torch.Tensor):
         return {"error": f"expected a tensor, got {type(g).__name__}"}
     if tuple(w.shape) != tuple(g.shape):
@@ -170,11 +177,15 @@ def worst_node(
 ) -> tuple[str, float] | None:
     """The node of ``after`` whose value drifts first (in graph order) from ``before``.
 
-    Nodes are matched by name; where none exceeds ``tolerance`` the largest relative error
-    is returned. Returns None when nothing could be matched.
+    Nodes are matched by name. A drifting node fed by a node the pass created (a name
+    ``before`` lacks) is blamed on that new node; a drift visible only in the outputs is
+    blamed on the node now producing that output. Where nothing exceeds ``tolerance`` the
+    largest relative error is returned. Returns None when nothing could be matched.
     """
     try:
         want, got = node_values(before, inputs), node_values(after, inputs)
+        with torch.no_grad():
+            want_out, got_out = before(*inputs), after(*inputs)
     except Exception:  # noqa: BLE001 - attribution is best effort on a broken graph
         return None
     worst: tuple[str, float] | None = None
@@ -185,7 +196,15 @@ def worst_node(
         if report.structure_error:
             continue
         if not report.ok():
-            return node.name, report.rel
+            new = [a for a in node.all_input_nodes if a.name not in want and a.op != "get_attr"]
+            return (new[0].name if new else node.name), report.rel
         if worst is None or report.rel > worst[1]:
             worst = (node.name, report.rel)
+    out_nodes = pytree.tree_leaves(after.graph.output_node().args[0])
+    w_leaves, g_leaves = pytree.tree_leaves(want_out), pytree.tree_leaves(got_out)
+    if len(w_leaves) == len(g_leaves) == len(out_nodes):
+        for node, w, g in zip(out_nodes, w_leaves, g_leaves, strict=True):
+            report = compare_outputs(w, g, tolerance)
+            if isinstance(node, fx.Node) and not report.structure_error and not report.ok():
+                return node.name, report.rel
     return worst

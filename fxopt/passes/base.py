@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch.fx as fx
 
@@ -149,7 +150,8 @@ def _format_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(_format_value(x) for x in v) + "]"
-    if isinstance(v, str) and not v.isidentifier():
+    # quote strings the parser would read as something else ('12', 'a b', 'true', 'None')
+    if isinstance(v, str) and (not v.isidentifier() or v.lower() in ("true", "false", "none")):
         return repr(v)
     return str(v)
 

@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.fx as fx
 
-from fxopt.ops import is_pure, kind_of, op_of
+from fxopt.ops import is_inplace, is_pure, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 
 
@@ -21,12 +21,25 @@ def dce(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in reversed(list(gm.graph.nodes)):
         if node.op in ("placeholder", "output") or node.users:
             continue
-        if node.op == "get_attr" or is_pure(node) or kind_of(node) == "dropout":
+        if node.op == "get_attr" or is_pure(node) or kind_of(node) == "dropout" or (
+            _checks_dead_value(node)
+        ):
             gm.graph.erase_node(node)
             removed += 1
     dropped = drop_unused_attributes(gm) if removed else 0
     return PassResult(gm, modified=bool(removed or dropped), stats={"removed": removed,
                                                                     "tensors_dropped": dropped})
+
+
+def _checks_dead_value(node: fx.Node) -> bool:
+    """An export metadata check on a tensor only other checks read: it guards nothing, and
+    keeping it would keep the dead computation behind it alive."""
+    if kind_of(node) != "assert_metadata" or not node.args:
+        return False
+    value = node.args[0]
+    return isinstance(value, fx.Node) and all(
+        kind_of(u) == "assert_metadata" for u in value.users
+    )
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> int:
@@ -113,11 +126,13 @@ def _noop_source(node: fx.Node) -> fx.Node | None:
     """The node this one merely passes through, or None."""
     view = op_of(node)
     kind, x = view.kind, view.input
-    if x is None:
-        return None
+    if x is None or any(is_inplace(user) for user in node.users):
+        return None  # a user writes into this result: bypassing it would write into x
     if kind in _NEUTRAL:
         other = view.arg("other")
         alpha = view.arg("alpha", 1)
+        if view.arg("rounding_mode") is not None:
+            return None  # x / 1 rounded is floor(x) or trunc(x), not x
         neutral = _NEUTRAL[kind]
         if isinstance(other, numbers.Number) and not isinstance(other, bool):
             if other == neutral and (kind in ("mul", "div") or alpha == 1 or other == 0):
@@ -130,13 +145,14 @@ def _noop_source(node: fx.Node) -> fx.Node | None:
         if fmt in (None, torch.contiguous_format) and layout == torch.contiguous_format:
             return x if _same_tensor_type(node, x) else None
         return None
-    if kind == "to" and _same_tensor_type(node, x) and not _has_copy_flag(node):
+    if kind == "to" and _same_tensor_type(node, x) and not _has_copy_flag(view):
         return x
     return None
 
 
-def _has_copy_flag(node: fx.Node) -> bool:
-    return bool(node.kwargs.get("copy")) or "memory_format" in node.kwargs
+def _has_copy_flag(view) -> bool:
+    # bound by name, so aten.to.dtype(x, dtype, False, True) counts as copy=True too
+    return bool(view.arg("copy")) or view.arg("memory_format") is not None
 
 
 @register_pass("eliminate_noops", Semantics.EXACT)

@@ -1,0 +1,268 @@
+"""The ``fxopt`` command: inspect, optimize, list passes and zoo models, run the demo.
+
+    fxopt inspect resnet
+    fxopt inspect my_models.py:build --input-shape 1,3,224,224
+    fxopt optimize resnet --pipeline default --target eager -o out/resnet
+    fxopt demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxopt.errors import FxoptError, SpecError
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+    "half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
+
+
+def parse_input_shape(text: str) -> torch.Tensor:
+    """``"1,3,224,224"`` or ``"2,16:int64"`` -> a seeded random tensor of that shape."""
+    shape_text, _, dtype_text = text.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise SpecError(
+            f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224 "
+            "(optionally :int64)"
+        ) from None
+    if not shape or any(s <= 0 for s in shape):
+        raise SpecError(f"--input-shape {text!r}: every dimension must be a positive integer")
+    dtype = _DTYPES.get(dtype_text or "float32")
+    if dtype is None:
+        raise SpecError(f"--input-shape {text!r}: unknown dtype; use one of {', '.join(_DTYPES)}")
+    gen = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    return torch.randint(0, 100, shape, generator=gen, dtype=dtype)
+
+
+def load_spec(spec: str, input_shapes: list[str] | None = None) -> tuple[nn.Module, tuple, str]:
+    """Resolve ``SPEC`` (zoo name, ``file.py:factory`` or ``pkg.module:factory``).
+
+    Returns ``(model, example_inputs, name)``. The factory may return a module, a
+    ``(module, example_inputs)`` pair, or a zoo entry; ``--input-shape`` overrides inputs.
+    """
+    from fxopt import zoo
+
+    inputs = tuple(parse_input_shape(s) for s in input_shapes or [])
+    if ":" not in spec:
+        if spec in zoo.names(include_heavy=True):
+            entry = zoo.get(spec)
+            return entry.build(), inputs or entry.example_inputs(), spec
+        raise SpecError(
+            f"{spec!r} is not a zoo model and not file.py:factory or package.module:factory; "
+            f"zoo models: {', '.join(zoo.names(include_heavy=True))}"
+        )
+    where, _, attr = spec.rpartition(":")
+    factory = getattr(_import_where(where, spec), attr, None)
+    if factory is None:
+        raise SpecError(f"{where!r} has no attribute {attr!r} (from SPEC {spec!r})")
+    try:
+        made = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
+        raise SpecError(f"{spec}() raised {type(e).__name__}: {e}") from e
+    if hasattr(made, "build") and hasattr(made, "example_inputs"):
+        return made.build(), inputs or made.example_inputs(), attr
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        model, example = made
+        example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+        return model, inputs or example, attr
+    if isinstance(made, nn.Module):
+        if not inputs:
+            raise SpecError(
+                f"{spec} returns a model without example inputs; pass --input-shape "
+                "(repeatable), e.g. --input-shape 1,3,224,224"
+            )
+        return made, inputs, attr
+    raise SpecError(
+        f"{spec} returned {type(made).__name__}; a factory must return an nn.Module or "
+        "(module, example_inputs)"
+    )
+
+
+def _import_where(where: str, spec: str) -> Any:
+    if where.endswith(".py") or os.sep in where:
+        path = Path(where)
+        if not path.is_file():
+            raise SpecError(f"model file {where!r} does not exist (from SPEC {spec!r})")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            raise SpecError(f"importing {where} failed: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.pop(0)
+        return module
+    try:
+        return importlib.import_module(where)
+    except ImportError as e:
+        raise SpecError(f"cannot import {where!r} (from SPEC {spec!r}): {e}") from e
+
+
+def _progress(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import fxopt
+
+    model, inputs, name = load_spec(args.spec, args.input_shape)
+    _progress(f"capturing {name} ({args.mode})")
+    gm = fxopt.capture(model, inputs, mode=args.mode)
+    summary = fxopt.inspect(gm)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    else:
+        info = gm.meta["fxopt"]["capture"]
+        print(f"{name}: captured with {info['frontend']} ({info['reason']})")
+        print(summary)
+    if args.dot:
+        result = fxopt.inspect.render(gm, args.dot)
+        print(result.message, file=sys.stderr)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import fxopt
+
+    model, inputs, name = load_spec(args.spec, args.input_shape)
+    _progress(f"capturing {name} ({args.mode})")
+    res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,
+                         progress=_progress)
+    print(res.report)
+    _progress(f"lowering to {args.target}")
+    artifact = fxopt.lower(res.module, args.target, inputs, path=args.output)
+    print(f"wrote {args.target} artifact to {artifact.path} (verified against the graph)")
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(res.report.to_dict(), indent=2, default=str))
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from fxopt.passes.base import REGISTRY, known_passes
+    from fxopt.pipeline import PIPELINES
+
+    for name in known_passes():
+        info = REGISTRY[name]
+        params = ", ".join(f"{k}={p.default!r}" for k, p in info.parameters.items())
+        extra = f"  [{params}]" if params else ""
+        print(f"{name:<18} {info.semantics.value:<16} {info.doc}{extra}")
+    for name, stages in PIPELINES.items():
+        print(f"pipeline {name}: {','.join(stages)}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from fxopt import zoo
+
+    for name in zoo.names(include_heavy=True):
+        entry = zoo.get(name)
+        print(f"{name:<12} {entry.family:<16} {entry.description}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: capture -> default pipeline -> eager -> reload."""
+    import fxopt
+    from fxopt import zoo
+    from fxopt.verify import compare_outputs
+
+    entry = zoo.get(args.model)
+    model, inputs = entry.build(), entry.example_inputs()
+    print(f"fxopt demo: {entry.name} ({entry.description})")
+    start = time.perf_counter()
+    res = fxopt.optimize(model, inputs, "default", progress=_progress)
+    info = res.capture
+    print(f"captured with {info['frontend']} ({info['reason']}); "
+          f"dynamic batch: {info['dynamic_batch']}")
+    print(res.report)
+    out = Path(args.output) / entry.name
+    _progress(f"writing eager artifact to {out}")
+    fxopt.lower(res.module, "eager", inputs, path=out)
+    loaded = fxopt.load(out)
+    with torch.no_grad():
+        cmp = compare_outputs(model(*inputs), loaded(*inputs))
+    print(f"reloaded {out}: max abs error vs the original model {cmp.max_abs:.2e} "
+          f"({'ok' if cmp.ok() else 'MISMATCH'})")
+    print(f"total {time.perf_counter() - start:.2f}s")
+    return 0 if cmp.ok() else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="zoo name, file.py:factory or package.module:factory")
+        p.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
+                       help="example input shape, e.g. 1,3,224,224 (repeat per input)")
+        p.add_argument("--mode", default="auto", choices=("auto", "symbolic", "export"))
+
+    p = sub.add_parser("inspect", help="print the node table and totals of a model")
+    model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--dot", metavar="FILE", help="also write a DOT picture (SVG if dot exists)")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("optimize", help="run a pipeline and write an artifact")
+    model_args(p)
+    p.add_argument("--pipeline", default="default", help="spec string or recipe.toml")
+    p.add_argument("--target", default="eager", help="artifact kind (eager)")
+    p.add_argument("-o", "--output", required=True, help="artifact path")
+    p.add_argument("--dump-dir", help="write each pass's before/after code here")
+    p.add_argument("--report-json", help="write the per-pass report as JSON")
+    p.set_defaults(fn=cmd_optimize)
+
+    sub.add_parser("passes", help="list registered passes and named pipelines").set_defaults(
+        fn=cmd_passes)
+    sub.add_parser("zoo", help="list built-in models").set_defaults(fn=cmd_zoo)
+    p = sub.add_parser("demo", help="optimize a zoo model end to end")
+    p.add_argument("--model", default="resnet")
+    p.add_argument("-o", "--output", default="demo-out")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fxopt`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FxoptError as e:
+        if args.debug:
+            traceback.print_exc()
+        lines = str(e).splitlines() or [type(e).__name__]
+        print(f"fxopt: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(f"  {line}", file=sys.stderr)
+        if not args.debug:
+            print("  (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
