@@ -144,7 +144,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     import fxopt
+    from fxopt.pipeline import parse_pipeline
 
+    parse_pipeline(args.pipeline)  # a bad spec fails before any capture work
     model, inputs, name = load_spec(args.spec, args.input_shape)
     _progress(f"capturing {name} ({args.mode})")
     res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,

@@ -1,0 +1,131 @@
+"""The fxopt command: inspect, optimize, passes, zoo, demo, and its error behaviour."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.cli import load_spec, main, parse_input_shape
+from fxopt.errors import SpecError
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_zoo_prints_table_and_totals(capsys):
+    code, out, _ = run(capsys, "inspect", "mlp")
+    assert code == 0
+    assert "linear" in out and "MACs" in out and "103,424" in out
+
+
+def test_inspect_json(capsys):
+    code, out, _ = run(capsys, "inspect", "resnet", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["totals"]["macs"] > 0 if "totals" in data else data["macs"] > 0
+
+
+def test_optimize_writes_verified_eager_artifact(capsys, tmp_path):
+    out_dir = tmp_path / "m"
+    code, out, err = run(capsys, "optimize", "resnet", "--target", "eager", "-o", str(out_dir),
+                         "--report-json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "cleanup" in out and "wrote eager artifact" in out
+    assert "[1/" in err  # progress lines
+    model, inputs, _ = load_spec("resnet")
+    torch.testing.assert_close(fxopt.load(out_dir)(*inputs), model(*inputs), rtol=1e-4,
+                               atol=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())[0]["name"] == "cleanup"
+
+
+def test_file_factory_with_input_shape(capsys, tmp_path):
+    src = tmp_path / "mymodels.py"
+    src.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def build():
+            layers = [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)]
+            return nn.Sequential(*layers)
+    """))
+    code, out, err = run(capsys, "inspect", f"{src}:build", "--input-shape", "1,3,8,8")
+    assert code == 0, err
+    assert "conv" in out
+
+
+def test_zoo_lists_models(capsys):
+    code, out, _ = run(capsys, "zoo")
+    assert code == 0 and "resnet50" in out
+
+
+def test_module_factory_spec_returning_inputs(capsys, tmp_path, monkeypatch):
+    (tmp_path / "cli_pkg_models.py").write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+        def factory():
+            return nn.Sequential(nn.Linear(8, 4), nn.GELU()), (torch.randn(3, 8),)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(capsys, "inspect", "cli_pkg_models:factory", "--mode", "symbolic")
+    assert code == 0, err
+    assert "gelu" in out and "[3, 4]" in out
+
+
+def test_passes_lists_registry_and_pipelines(capsys):
+    code, out, _ = run(capsys, "passes")
+    assert code == 0
+    assert "cleanup" in out and "pipeline default:" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["inspect", "not_a_model"], "not a zoo model"),
+    (["inspect", "nowhere/missing.py:build"], "does not exist"),
+    (["inspect", "fxopt.zoo:nope"], "has no attribute"),
+    (["inspect", "mlp", "--input-shape", "4,x"], "--input-shape"),
+    (["inspect", "mlp", "--input-shape", "4,65"], "input"),
+    (["optimize", "mlp", "--pipeline", "cleanup,,dce", "-o", "unused"], "position"),
+])
+def test_user_errors_print_one_line_and_exit_2(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("fxopt: error:")]
+    assert len(errors) == 1
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "unused").exists()
+
+
+def test_debug_shows_traceback(capsys):
+    code, _, err = run(capsys, "--debug", "inspect", "not_a_model")
+    assert code == 2 and "Traceback" in err
+
+
+def test_unwritable_output_leaves_nothing(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "optimize", "mlp", "-o", str(blocker / "out"))
+    assert code == 2 and "fxopt: error:" in err
+    assert blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_parse_input_shape_dtypes():
+    assert parse_input_shape("2,16:int64").dtype == torch.int64
+    assert parse_input_shape("1x3x8x8").shape == (1, 3, 8, 8)
+    with pytest.raises(SpecError):
+        parse_input_shape("0,3")
+    with pytest.raises(SpecError):
+        parse_input_shape("2:complex7")
+
+
+def test_demo_runs(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--model", "mlp", "-o", str(tmp_path))
+    assert code == 0
+    assert "reloaded" in out and "(ok)" in out
+    assert (Path(tmp_path) / "mlp" / "manifest.json").exists()
