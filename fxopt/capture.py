@@ -8,7 +8,9 @@ recording why. The user's model is never modified: capture works on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import traceback
 import warnings
@@ -204,7 +206,7 @@ def _export(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> fx.GraphMod
         for dynamic in ((True, False) if dynamic_batch else (False,)):
             shapes = _batch_dims(inputs) if dynamic else None
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _quiet_export_logs():
                     warnings.simplefilter("ignore")
                     ep = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=strict)
                 return _graph_module_from_export(ep, type(model).__name__)
@@ -214,6 +216,19 @@ def _export(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> fx.GraphMod
                     break
     first = errors[0]
     raise CaptureError(f"{type(first).__name__} at {_user_location(first)}: {_first_line(first)}")
+
+
+@contextlib.contextmanager
+def _quiet_export_logs():
+    """torch.export logs a warning when a size-1 batch is specialised; the capture info
+    already records whether the batch is dynamic, so keep the user's console clean."""
+    logger = logging.getLogger("torch._export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _batch_dims(inputs: tuple) -> tuple:

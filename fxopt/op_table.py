@@ -237,6 +237,9 @@ _op("mul", "elementwise", functions=(operator.mul, operator.imul, torch.mul),
     methods=("mul", "mul_"), aten=("mul",), signature=_BINARY)
 _op("div", "elementwise", functions=(operator.truediv, operator.itruediv, torch.div),
     methods=("div", "div_"), aten=("div",), signature=_BINARY)
+_op("clamp", "elementwise", functions=(torch.clamp, torch.clip), methods=("clamp", "clip"),
+    aten=("clamp", "clip"), signature=("input", "min", "max"),
+    defaults={"min": None, "max": None})
 _op("neg", "elementwise", functions=(operator.neg, torch.neg), methods=("neg",),
     aten=("neg",))
 _op("pow", "elementwise", functions=(operator.pow, torch.pow), methods=("pow",),
@@ -259,13 +262,19 @@ _op("chunk", "split", functions=(torch.chunk,), methods=("chunk",), aten=("chunk
     signature=("input", "chunks", "dim"), defaults={"dim": 0}, attrs=("chunks", "dim"))
 _op("unbind", "split", functions=(torch.unbind,), methods=("unbind",), aten=("unbind",),
     signature=("input", "dim"), defaults={"dim": 0}, attrs=("dim",))
-_op("reshape", "shape", modules=(nn.Flatten, nn.Unflatten),
-    functions=(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze),
-    methods=("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
-             "reshape_as"),
-    aten=("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
-          "view_as", "_reshape_alias"),
+_op("reshape", "shape", functions=(torch.reshape,),
+    methods=("view", "reshape", "view_as", "reshape_as"),
+    aten=("view", "reshape", "_unsafe_view", "view_as", "_reshape_alias"),
     signature=("input", "shape"))
+_op("flatten", "shape", modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",),
+    aten=("flatten",), signature=("input", "start_dim", "end_dim"),
+    defaults={"start_dim": 0, "end_dim": -1}, module_attrs={}, attrs=("start_dim", "end_dim"))
+_op("unflatten", "shape", modules=(nn.Unflatten,), functions=(torch.unflatten,),
+    methods=("unflatten",), aten=("unflatten",), signature=("input", "dim", "sizes"))
+_op("squeeze", "shape", functions=(torch.squeeze,), methods=("squeeze",), aten=("squeeze",),
+    signature=("input", "dim"))
+_op("unsqueeze", "shape", functions=(torch.unsqueeze,), methods=("unsqueeze",),
+    aten=("unsqueeze",), signature=("input", "dim"))
 _op("permute", "layout", functions=(torch.permute,), methods=("permute",), aten=("permute",),
     signature=("input", "dims"), attrs=("dims",))
 _op("transpose", "layout", functions=(torch.transpose, torch.t),
@@ -274,7 +283,8 @@ _op("transpose", "layout", functions=(torch.transpose, torch.t),
 _op("contiguous", "layout", methods=("contiguous",), aten=("contiguous",),
     signature=("input", "memory_format"))
 _op("clone", "layout", functions=(torch.clone,), methods=("clone",), aten=("clone",))
-_op("to", "cast", methods=("to", "type", "float", "half", "bfloat16", "double"),
+_op("to", "cast", methods=("to", "type", "float", "half", "bfloat16", "double", "bool", "int",
+                          "long", "short", "char", "byte"),
     aten=("to", "_to_copy"), signature=("input", "dtype"))
 _op("expand", "broadcast", methods=("expand", "expand_as", "repeat", "repeat_interleave"),
     functions=(torch.repeat_interleave,),

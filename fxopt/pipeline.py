@@ -30,6 +30,11 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 PIPELINES: dict[str, list[str]] = {
     "default": [
         "cleanup",  # drop dropout, identities, x*1 / x+0, redundant casts, dead code
+        "fold_constants",  # compute weight-only subgraphs once (re-parametrisations, masks)
+        "fold_bn",  # conv/linear + batch norm (and per-channel affine) -> one op
+        "cse",  # merge identical pure nodes
+        "simplify",  # rules: layout pairs, reshape chains, cat/split, linear chains, activations
+        "cleanup",  # remove what the folds and rules left dead
     ],
 }
 

@@ -316,10 +316,8 @@ class Odd(nn.Module):
 def test_opaque_ops_and_output_only_weights() -> None:
     gm = fxopt.capture(Odd(), (torch.randn(2, 3),), mode="symbolic")
     summary = fi.inspect(gm)
-    assert summary.opaque == ["clamp", "special_erfinv"]
-    assert "opaque: clamp (Tensor.clamp), special_erfinv (torch._C._special.special_erfinv)" in (
-        str(summary)
-    )
+    assert summary.opaque == ["special_erfinv"]
+    assert "opaque: special_erfinv (torch._C._special.special_erfinv)" in str(summary)
     assert _rows(summary)["scale"].params == summary.params == 3  # read by no op: on its own row
     dot = fi.to_dot(gm)
     assert '"special_erfinv" [' in dot and 'color="#c92a2a"' in dot
@@ -563,7 +561,7 @@ def test_diff_after_cleanup_lists_the_removed_dropouts(name: str, mode: str, zoo
     assert [r.name for r in d.kept] == kept
     assert len(d.kept) + len(d.removed) == d.before.nodes
     text = str(d)
-    assert f"removed: - {len(dropouts)} dropout" in text
+    assert f"- {len(dropouts)} dropout" in text.split("removed:")[1].splitlines()[0]
     assert ", ".join(dropouts) in text
     assert f"MACs:    {d.before.macs:,} -> {d.after.macs:,} (+0)" in text
     dot = d.to_dot()

@@ -130,10 +130,22 @@ FAMILIES: dict[str, tuple] = {
     "chunk": (None, _img, [
         lambda s, x: torch.chunk(x, 2, 1)[1], lambda s, x: x.chunk(2, dim=1)[0],
     ]),
-    "reshape": (nn.Flatten, _img, [
+    "flatten": (nn.Flatten, _img, [
         lambda s, x: s.mod(x), lambda s, x: torch.flatten(x, 1), lambda s, x: x.flatten(1),
+    ]),
+    "reshape": (None, _img, [
         lambda s, x: x.view(2, -1), lambda s, x: x.reshape(2, -1),
         lambda s, x: torch.reshape(x, (2, -1)),
+    ]),
+    "unsqueeze": (None, _img, [
+        lambda s, x: x.unsqueeze(0), lambda s, x: torch.unsqueeze(x, 0),
+    ]),
+    "squeeze": (None, _img, [
+        lambda s, x: x[:1].squeeze(0), lambda s, x: torch.squeeze(x[:1], 0),
+    ]),
+    "clamp": (None, _img, [
+        lambda s, x: x.clamp(0, 6), lambda s, x: torch.clamp(x, 0, 6),
+        lambda s, x: torch.clip(x, min=0, max=6),
     ]),
     "permute": (None, _img, [
         lambda s, x: x.permute(0, 2, 3, 1), lambda s, x: torch.permute(x, (0, 2, 3, 1)),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxopt
+from fxopt.ops import op_of
 from fxopt.verify import compare_outputs
 
 transformers = pytest.importorskip("transformers")
@@ -60,6 +61,14 @@ def test_real_model_capture_optimize_lower_reload(name, tmp_path):
     res.module.graph.lint()
     with torch.no_grad():
         assert compare_outputs(want, res.module(*inputs)).ok()
+    foldable = [
+        n.name for n in res.module.graph.nodes
+        if n.op.startswith("call") and op_of(n).kind == "batch_norm"
+        and isinstance(n.args[0], torch.fx.Node) and n.args[0].op.startswith("call")
+        and op_of(n.args[0]).kind in ("conv", "conv_transpose", "linear")
+        and len(n.args[0].users) == 1
+    ]
+    assert foldable == [], f"batch norms left that fold_bn should have folded: {foldable}"
     fxopt.lower(res.module, "eager", inputs, path=tmp_path / name)
     loaded = fxopt.load(tmp_path / name)
     with torch.no_grad():

@@ -5,12 +5,9 @@ All are exact. ``cleanup`` runs the four to a fixed point.
 
 from __future__ import annotations
 
-import numbers
-
-import torch
 import torch.fx as fx
 
-from fxopt.ops import is_inplace, is_pure, kind_of, op_of
+from fxopt.ops import is_pure, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 
 
@@ -109,66 +106,12 @@ def remove_identity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=removed > 0, stats={"removed": removed})
 
 
-_NEUTRAL = {"mul": 1, "div": 1, "add": 0, "sub": 0}
-
-
-def _same_tensor_type(node: fx.Node, source: fx.Node) -> bool:
-    shape, dtype = node.meta.get("shape"), node.meta.get("dtype")
-    return (
-        shape is not None
-        and shape == source.meta.get("shape")
-        and dtype == source.meta.get("dtype")
-        and node.meta.get("device") == source.meta.get("device")
-    )
-
-
-def _noop_source(node: fx.Node) -> fx.Node | None:
-    """The node this one merely passes through, or None."""
-    view = op_of(node)
-    kind, x = view.kind, view.input
-    if x is None or any(is_inplace(user) for user in node.users):
-        return None  # a user writes into this result: bypassing it would write into x
-    if kind in _NEUTRAL:
-        other = view.arg("other")
-        alpha = view.arg("alpha", 1)
-        if view.arg("rounding_mode") is not None:
-            return None  # x / 1 rounded is floor(x) or trunc(x), not x
-        neutral = _NEUTRAL[kind]
-        if isinstance(other, numbers.Number) and not isinstance(other, bool):
-            if other == neutral and (kind in ("mul", "div") or alpha == 1 or other == 0):
-                return x if _same_tensor_type(node, x) else None
-        return None
-    if kind == "contiguous":
-        fmt = view.arg("memory_format", torch.contiguous_format)
-        meta = x.meta.get("tensor_meta")
-        layout = getattr(meta, "memory_format", None)
-        if fmt in (None, torch.contiguous_format) and layout == torch.contiguous_format:
-            return x if _same_tensor_type(node, x) else None
-        return None
-    if kind == "to" and _same_tensor_type(node, x) and not _has_copy_flag(view):
-        return x
-    return None
-
-
-def _has_copy_flag(view) -> bool:
-    # bound by name, so aten.to.dtype(x, dtype, False, True) counts as copy=True too
-    return bool(view.arg("copy")) or view.arg("memory_format") is not None
-
-
-@register_pass("eliminate_noops", Semantics.EXACT)
 def eliminate_noops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remove ``x*1``, ``x/1``, ``x+0``, ``x-0``, ``.contiguous()`` on contiguous tensors and
-    ``.to()`` / ``.float()`` to the dtype and device the tensor already has."""
-    removed: dict[str, int] = {}
-    for node in list(gm.graph.nodes):
-        if not node.op.startswith("call"):
-            continue
-        source = _noop_source(node)
-        if source is not None:
-            kind = kind_of(node)
-            _bypass(node, source)
-            removed[kind] = removed.get(kind, 0) + 1
-    return PassResult(gm, modified=bool(removed), stats={"removed": removed})
+    """The ``eliminate_noops`` rule set (fxopt/passes/builtin_rules.py) as a cleanup step."""
+    from fxopt.passes.builtin_rules import NOOP_RULES
+
+    fired = NOOP_RULES.apply(gm, ctx.example_inputs)
+    return PassResult(gm, modified=bool(fired), stats={"removed": NOOP_RULES.by_kind(fired)})
 
 
 CLEANUP_PASSES = (remove_dropout, remove_identity, eliminate_noops, dce)

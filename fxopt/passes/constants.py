@@ -1,0 +1,228 @@
+"""Constant folding and common-subexpression elimination.
+
+``fold_constants`` computes once every subgraph that depends only on parameters, buffers
+and literals (weight re-parametrisations, ``weight * scale``, ``arange``-based masks) and
+stores the result as a buffer. ``cse`` merges identical pure nodes. Random and in-place
+ops are never folded or merged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.ops import OPAQUE, is_inplace, is_pure, lookup, op_of
+from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
+from fxopt.passes.cleanup import drop_unused_attributes
+
+# Names that are random or stateful even when the op table does not list them.
+_NEVER = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+          "bernoulli", "multinomial", "normal", "poisson", "uniform", "uniform_", "normal_",
+          "dropout", "empty", "empty_like", "empty_strided", "manual_seed", "seed"}
+
+# Python operators on tensors, by the ATen op they call (add, mul, getitem... are in the table).
+_OPERATORS = {"gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne",
+              "and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor",
+              "invert": "bitwise_not", "floordiv": "floor_divide", "mod": "remainder"}
+# Op categories whose result may share storage with an input (views, no-op casts) - and
+# unknown ops, which might.
+_MAY_ALIAS = {"shape", "layout", "index", "split", "broadcast", "cast", "identity", OPAQUE}
+
+
+@functools.cache
+def _aten_packet_is_deterministic(name: str) -> bool:
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None:
+        return False
+    for overload in packet.overloads():
+        op = getattr(packet, overload)
+        if torch.Tag.nondeterministic_seeded in op.tags or op._schema.is_mutable:
+            if not overload.endswith("out"):
+                return False
+    return True
+
+
+def is_deterministic_pure(node: fx.Node) -> bool:
+    """Pure per the op table, or an untabled torch op ATen marks neither random nor mutating."""
+    if node.op in ("placeholder", "output"):
+        return False
+    if is_inplace(node):
+        return False
+    if is_pure(node):
+        return True
+    entry, _ = lookup(node)
+    if entry is not None:
+        return False  # the table says impure (dropout)
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::")[-1]
+        return target.namespace == "aten" and name not in _NEVER and \
+            _aten_packet_is_deterministic(name)
+    if node.op == "call_method":
+        name = str(target)
+    elif node.op == "call_function" and getattr(target, "__module__", "") in ("torch",
+                                                                            "torch.functional"):
+        name = getattr(target, "__name__", "")
+    elif node.op == "call_function" and getattr(target, "__module__", "") == "_operator":
+        name = _OPERATORS.get(getattr(target, "__name__", ""), "")
+    else:
+        return False
+    return name not in _NEVER and _aten_packet_is_deterministic(name)
+
+
+def written_values(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value an in-place op may change: the in-place op's inputs and everything
+    that may share storage with them (views of them, and what they are views of). Such a
+    value is not a constant, and two reads of it on either side of the write differ."""
+    alias: dict[fx.Node, set[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if not node.op.startswith("call"):
+            continue
+        if is_inplace(node) or op_of(node).category in _MAY_ALIAS:
+            for a in node.all_input_nodes:
+                alias.setdefault(node, set()).add(a)
+                alias.setdefault(a, set()).add(node)
+    todo = [a for n in gm.graph.nodes if is_inplace(n) for a in n.all_input_nodes]
+    written: set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if node not in written:
+            written.add(node)
+            todo.extend(alias.get(node, ()))
+    return written
+
+
+def _fetch(gm: fx.GraphModule, path: str) -> Any:
+    value: Any = gm
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _storable(value: Any, max_bytes: int) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return False
+    if value.numel() * value.element_size() > max_bytes:
+        return False
+    return 0 not in value.stride() or value.numel() <= 1  # don't materialise broadcasts
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = f"_folded_{base}", 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"_folded_{base}_{i}"
+    return name
+
+
+@register_pass("fold_constants", Semantics.EXACT)
+def fold_constants(gm: fx.GraphModule, ctx: PassContext, *,
+                   max_bytes: int = 1 << 28) -> PassResult:
+    """Compute parameter/literal-only subgraphs once and store the results as buffers."""
+    env: dict[fx.Node, Any] = {}
+    written = written_values(gm)
+    for node in gm.graph.nodes:
+        if node in written:
+            continue  # changed in place at run time: not a constant
+        if node.op == "get_attr":
+            env[node] = _fetch(gm, node.target)
+        elif node.op.startswith("call") and all(a in env for a in node.all_input_nodes):
+            if not is_deterministic_pure(node):
+                continue
+            try:
+                env[node] = _evaluate(gm, node, env)
+            except Exception:  # noqa: BLE001 - an op we cannot evaluate stays in the graph
+                continue
+    folded: list[str] = []
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" or node not in env:
+            continue
+        live_users = [u for u in node.users if u not in env or u.op == "output"]
+        if not live_users or not _storable(env[node], max_bytes):
+            continue
+        if any(is_inplace(u) for u in node.users):
+            continue  # a stored buffer would be mutated on every call
+        name = _fresh_name(gm, node.name)
+        gm.register_buffer(name, env[node].detach().clone())
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        folded.append(node.name)
+    if folded:
+        _erase_dead(gm)
+        drop_unused_attributes(gm)
+    return PassResult(gm, modified=bool(folded), stats={"folded": len(folded),
+                                                        "nodes": folded[:20]})
+
+
+def _erase_dead(gm: fx.GraphModule) -> None:
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.op == "get_attr" or is_deterministic_pure(node):
+            gm.graph.erase_node(node)
+
+
+# --------------------------------------------------------------------------- CSE
+def _key(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("node", value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in value.items())))
+    if isinstance(value, slice):
+        return ("slice", _key(value.start), _key(value.stop), _key(value.step))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, float) and value != value:
+        return ("nan",)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value).__name__, value)
+
+
+@register_pass("cse", Semantics.EXACT)
+def cse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Merge identical pure nodes (same op, target and arguments); keep impure/random ones."""
+    seen: dict[Any, fx.Node] = {}
+    merged = 0
+    written = written_values(gm)
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "output"):
+            continue
+        if node in written or any(a in written for a in node.all_input_nodes):
+            continue  # a read before an in-place write and one after it differ
+        if node.op != "get_attr" and not is_deterministic_pure(node):
+            continue
+        try:
+            key = (node.op, _key(node.target), _key(node.args), _key(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if any(is_inplace(u) for u in node.users):
+            continue  # its value is written to later: a merged copy would see the write
+        if key in seen and not any(is_inplace(u) for u in seen[key].users):
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return PassResult(gm, modified=merged > 0, stats={"merged": merged})
