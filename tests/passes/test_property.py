@@ -1,7 +1,9 @@
 """Property: every exact pass leaves the function of any graph unchanged.
 
 Hypothesis writes small random programs (chains and DAGs over a menu of ops, with no-ops,
-eval-mode dropout, identities, layout round trips, dead branches and in-place updates), we
+eval-mode dropout, identities, layout round trips, dead branches, in-place updates,
+conv + batch norm, per-channel affine constants after conv / linear, weight
+re-parametrisations and duplicated pure subexpressions), we
 turn each into an nn.Module, capture it in both modes, and push it through every registered
 exact pass, one at a time and all in a row."""
 
@@ -25,6 +27,66 @@ SHAPE = (2, 4, 4, 4)
 
 def _dead(value) -> None:
     return None
+
+
+class ConvBN(nn.Module):
+    """conv -> batch norm with non-trivial statistics; ``shared`` also reads the conv output."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.shared = shared
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4, eps=1e-3)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(0.0, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.normal_(0.0, 0.5)
+
+    def forward(self, a):
+        y = self.conv(a)
+        return self.bn(y) + y if self.shared else self.bn(y)
+
+
+class Affine(nn.Module):
+    """A conv or linear followed by per-channel constants (scale, shift, divide, subtract)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.lin = nn.Linear(4, 4)
+        self.s = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.register_buffer("t", torch.randn(1, 4, 1, 1))
+        self.register_buffer("s_lin", torch.rand(4) + 0.5)
+
+    def forward(self, a):
+        if self.kind == "conv":
+            return (self.t + self.conv(a) * self.s) / 2.0 - 0.25
+        return self.lin(a) * self.s_lin + 0.5
+
+
+class Reparam(nn.Module):
+    """Weights computed from parameters: weight norm (linear) and weight * scale (conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(4, 4))
+        self.g = nn.Parameter(torch.rand(4, 1) + 0.5)
+        self.w = nn.Parameter(torch.randn(4, 4, 1, 1) * 0.5)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, a):
+        weight = self.v * (self.g / self.v.norm(dim=1, keepdim=True))
+        return F.conv2d(F.linear(a, weight), self.w * self.scale.view(-1, 1, 1, 1))
+
+
+def _around_a_write(a):
+    """A pure expression read on both sides of an in-place write into its input."""
+    y = a * 1.5
+    before = y.sigmoid()
+    y.add_(1)
+    return before + y.sigmoid()
 
 
 # op -> (factory of the layer it owns or None, apply(layer, a, b) -> new value or None).
@@ -54,6 +116,14 @@ MENU: dict[str, tuple] = {
     "dead_chain": (None, lambda m, a, b: _dead(torch.cat([a * 3, b + 0], 1).sum())),
     "in_place_on_copy": (None, lambda m, a, b: (a * 1).add_(1)),
     "in_place_relu": (None, lambda m, a, b: F.relu(a * 2, inplace=True)),
+    "conv_bn": (ConvBN, lambda m, a, b: m(a)),
+    "conv_bn_shared_output": (lambda: ConvBN(shared=True), lambda m, a, b: m(a)),
+    "conv_affine": (lambda: Affine("conv"), lambda m, a, b: m(a)),
+    "linear_affine": (lambda: Affine("linear"), lambda m, a, b: m(a)),
+    "reparam": (Reparam, lambda m, a, b: m(a)),
+    "duplicate_expr": (None, lambda m, a, b: (a.relu() + 1) * (a.relu() + 1) - b.sigmoid()),
+    "module_twice": (lambda: nn.Linear(4, 4), lambda m, a, b: m(a) * torch.tanh(m(a))),
+    "read_around_write": (None, lambda m, a, b: _around_a_write(a)),
 }
 
 
@@ -96,10 +166,17 @@ def _exact_builtin_passes() -> list[str]:
     ]
 
 
-def test_the_exact_passes_include_the_cleanups() -> None:
-    assert {"cleanup", "dce", "eliminate_noops", "remove_dropout", "remove_identity"} <= set(
-        _exact_builtin_passes()
-    )
+def test_the_exact_passes_include_the_cleanups_and_folds() -> None:
+    assert {
+        "cleanup",
+        "dce",
+        "eliminate_noops",
+        "remove_dropout",
+        "remove_identity",
+        "fold_constants",
+        "fold_bn",
+        "cse",
+    } <= set(_exact_builtin_passes())
 
 
 def _check(gm, cases) -> None:
