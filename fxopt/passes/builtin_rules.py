@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.ops import is_inplace, op_of
-from fxopt.passes.rules import Match, Rule, RuleSet, register_rules
+from fxopt.passes.rules import Match, ParamRef, Rule, RuleSet, register_rules
 
 # --------------------------------------------------------------------------- shared checks
 
@@ -35,14 +35,40 @@ def _same_tensor_type(a: fx.Node, b: object) -> bool:
     )
 
 
+def _strides(node: fx.Node) -> tuple | None:
+    """The strides of ``node``'s result, ignoring size-1 dims (their stride never matters)."""
+    meta = node.meta.get("tensor_meta")
+    stride, shape = getattr(meta, "stride", None), getattr(meta, "shape", None)
+    if stride is None or shape is None:
+        return None
+    return tuple(s for s, n in zip(stride, shape) if n != 1)
+
+
+def _is_contiguous(node: object) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "memory_format", None) == torch.contiguous_format
+
+
 def passthrough(match: Match, source: str = "x") -> str | None:
-    """Refuse unless the root returns ``source`` unchanged in shape, dtype and device, and
-    nothing writes into the root's result in place (a copy would then matter)."""
+    """Refuse unless the root returns ``source`` unchanged in shape, dtype, device and memory
+    layout, and nothing writes into the root's result or the source in place afterwards
+    (a copy would then matter)."""
     root = match.root
     if any(is_inplace(u) for u in root.users):
         return f"{root.name} is written in place by a later op"
     if not _same_tensor_type(root, match[source]):
         return "the result differs from the input in shape, dtype or device"
+    # cat/split+cat/-(-x) make a fresh dense tensor: a later .view() may need that layout
+    if _strides(root) is None or _strides(root) != _strides(match[source]):
+        return "the result differs from the input in memory layout (strides)"
+    # the root's result is a fresh tensor: once it is the source itself, a later in-place
+    # write into the source would change it too
+    writers = [u for u in match[source].users if u is not root and is_inplace(u)]
+    if writers:
+        order = {n: i for i, n in enumerate(root.graph.nodes)}
+        later = [u.name for u in writers if order[u] > order[root]]
+        if later:
+            return f"{match[source].name} is written in place later by {', '.join(later)}"
     return None
 
 
@@ -123,8 +149,10 @@ def _transpose_pair_check(match: Match) -> str | None:
 
 def _permute_compose(match: Match) -> list[int] | None:
     rank = _rank(match)
-    p = _norm_dims(list(match["p"]), rank) if rank is not None else None
-    q = _norm_dims(list(match["q"]), rank) if rank is not None else None
+    # x.permute(0) on a 1-D tensor binds the lone dim as an int
+    p, q = ([v] if isinstance(v, int) else v for v in (match["p"], match["q"]))
+    p = _norm_dims(p, rank) if rank is not None else None
+    q = _norm_dims(q, rank) if rank is not None else None
     if p is None or q is None or len(p) != rank or len(q) != rank:
         return None
     return [p[i] for i in q]
@@ -146,6 +174,10 @@ def _permute_pair_rewrite(match: Match, graph: fx.Graph):
 def _reshape_chain_check(match: Match) -> str | None:
     if any(is_inplace(u) for u in match.root.users):
         return f"{match.root.name} is written in place by a later op"
+    # a reshape of a non-contiguous tensor may copy; one reshape may then be a view where
+    # the chain made a copy (a later in-place write or .view() would see the difference)
+    if not _is_contiguous(match["x"]):
+        return "input is not contiguous: the chain may copy where one reshape would not"
     return None
 
 
@@ -196,7 +228,9 @@ def _merge_linear_check(match: Match) -> str | None:
     if w1 is None or w2 is None:
         return "weights are computed in the graph"
     for name in ("b1", "b2"):
-        if match[name] is not None and match.tensor(name) is None:
+        # nn.Linear(bias=False) binds a ParamRef to its absent bias: no bias, not computed
+        absent = isinstance(match[name], ParamRef) and match[name].value is None
+        if match[name] is not None and not absent and match.tensor(name) is None:
             return f"{name} is computed in the graph"
     out_f, hidden = w2.shape
     in_f = w1.shape[1]

@@ -227,6 +227,7 @@ class _State:
         self.rule, self.root = rule, root
         self.nodes: dict[fx.Node, fx.Node] = {}
         self.bindings: dict[str, Any] = {}
+        self.reached = 0  # most pattern nodes matched by the current attempt
 
     def fail(self, pnode: fx.Node, gvalue: Any, reason: str) -> NoMatch:
         where = gvalue.name if isinstance(gvalue, fx.Node) else repr(gvalue)
@@ -263,17 +264,26 @@ class _State:
         for swap in attempts:
             snap = self.snapshot()
             self.nodes[pnode] = gvalue
+            self.reached = len(self.nodes)
             failure = self._match_args(pview, gview, swap)
             if failure is None:
+                self.reached = len(self.nodes)
                 return None
-            depth = len(self.nodes)  # report the attempt that matched the most
+            # report the attempt that matched the most; a nested failure has restored its
+            # nodes already and leaves how far it got in self.reached
+            depth = max(self.reached, len(self.nodes))
             if best is None or depth > best[0]:
                 best = (depth, failure)
             self.restore(snap)
+        self.reached = best[0]
         return best[1]
 
     def _match_args(self, pview: OpView, gview: OpView, swap: bool) -> NoMatch | None:
-        for name in _arg_names(pview) | _arg_names(gview):
+        # in signature order, not set order: which operand binds a parameter first must not
+        # depend on the interpreter's string hashing (PYTHONHASHSEED)
+        order = list(pview.entry.signature) if pview.entry else []
+        names = _arg_names(pview) | _arg_names(gview)
+        for name in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n)):
             pv = _arg(pview, name)
             gname = {"input": "other", "other": "input"}.get(name, name) if swap else name
             gv = _arg(gview, gname)
@@ -311,6 +321,16 @@ class _State:
         return None
 
 
+def _schema_aliases(view: OpView) -> dict[str, str]:
+    """Our name -> ATen schema name where the schema spells an argument differently from
+    the op table at the same position (``aten.view(self, size)`` is reshape's ``shape``)."""
+    if view.form != "aten" or view.entry is None:
+        return {}
+    names, sig = view._names(), view.entry.signature
+    return {sig[i]: n for i, n in enumerate(names[: len(sig)])
+            if n not in sig and sig[i] not in names}
+
+
 def _arg_names(view: OpView) -> set[str]:
     """Arguments the node states explicitly (defaults it does not state are left out)."""
     if view.module is not None:
@@ -323,7 +343,8 @@ def _arg_names(view: OpView) -> set[str]:
         from fxopt.ops import _aten_name  # schema spelling -> ours ("self" -> "input")
 
         kwargs = {_aten_name(k, view.node.target) for k in kwargs}
-    return explicit | kwargs
+    ours = {schema: name for name, schema in _schema_aliases(view).items()}
+    return {ours.get(n, n) for n in explicit | kwargs}
 
 
 def _arg(view: OpView, name: str) -> Any:
@@ -333,7 +354,7 @@ def _arg(view: OpView, name: str) -> Any:
         if view.entry and name in view.entry.params:
             return ParamRef(view.node, name)
         return MISSING
-    return view.arg(name, MISSING)
+    return view.arg(_schema_aliases(view).get(name, name), MISSING)
 
 
 # Arguments whose usual value changes nothing about the result.
