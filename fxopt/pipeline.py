@@ -35,6 +35,7 @@ PIPELINES: dict[str, list[str]] = {
         "cse",  # merge identical pure nodes
         "simplify",  # rules: layout pairs, reshape chains, cat/split, linear chains, activations
         "cleanup",  # remove what the folds and rules left dead
+        "flatten_modules",  # one attribute lookup per module/weight in the generated code
     ],
 }
 

@@ -471,3 +471,25 @@ def test_cleanup_stops_after_max_rounds() -> None:
     gm, record = _run_pass("cleanup", gm, (x,), max_rounds=0)
     assert record.modified is False
     assert _kinds(gm)["dropout"] == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["transformer", "gqa", "resnet"])
+def test_flatten_modules_moves_nested_attributes_to_the_top(name, mode, zoo_case) -> None:
+    model, inputs, gm = zoo_case(name, mode)
+    nested = [n for n in gm.graph.nodes
+              if n.op in ("call_module", "get_attr") and "." in str(n.target)]
+    paths = {n.name: n.meta.get("fxopt_module_path") for n in nested}
+    gm, record = _run_pass("flatten_modules", gm, inputs)
+    assert record.modified == bool(nested)
+    gm.graph.lint()
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            assert "." not in str(n.target)
+        if n.name in paths:  # where the op came from is still known
+            assert n.meta["fxopt_module_path"] == paths[n.name]
+    assert all("." not in k for k, _ in gm.named_children())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    gm, again = _run_pass("flatten_modules", gm, inputs)
+    assert again.modified is False
