@@ -206,6 +206,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cmp = compare_outputs(model(*inputs), loaded(*inputs))
     print(f"reloaded {out}: max abs error vs the original model {cmp.max_abs:.2e} "
           f"({'ok' if cmp.ok() else 'MISMATCH'})")
+    from fxopt.bench import compare_latency
+
+    _progress("timing eager vs the reloaded artifact (interleaved rounds)")
+    timing = compare_latency({"eager": model, "fxopt": loaded.module}, inputs, rounds=3)
+    print(f"latency: eager {timing.stats['eager'].median_ms:.3f} ms, fxopt "
+          f"{timing.stats['fxopt'].median_ms:.3f} ms ({timing.speedups['fxopt']:.2f}x, "
+          f"batch {entry.batch}, {torch.get_num_threads()} threads; noisy on shared machines)")
     print(f"total {time.perf_counter() - start:.2f}s")
     return 0 if cmp.ok() else 1
 
