@@ -294,7 +294,7 @@ _op("getitem", "index", functions=(operator.getitem,), aten=("select", "slice", 
 _op("size", "shape_query", functions=(builtins.getattr,), methods=("size", "dim", "numel"),
     aten=("sym_size", "sym_numel", "sym_stride", "size", "dim"))
 _op("pad", "shape", functions=(F.pad,), aten=("pad", "constant_pad_nd"),
-    signature=("input", "pad", "mode", "value"))
+    signature=("input", "pad", "mode", "value"), defaults={"mode": "constant", "value": None})
 _op("interpolate", "resize", modules=(nn.Upsample,), functions=(F.interpolate,),
     aten=("upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest2d.vec",
           "upsample_bilinear2d.vec"))

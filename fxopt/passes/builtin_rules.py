@@ -181,6 +181,13 @@ def _reshape_chain_check(match: Match) -> str | None:
     return None
 
 
+def _zero_pad_check(match: Match) -> str | None:
+    pad = match["p"]
+    if not isinstance(pad, (list, tuple)) or any(not isinstance(v, int) or v != 0 for v in pad):
+        return f"pads by {pad!r}"
+    return passthrough(match)  # zero padding is the identity in every mode
+
+
 def _single_cat_check(match: Match) -> str | None:
     return passthrough(match)
 
@@ -296,6 +303,9 @@ SIMPLIFY_RULES = RuleSet([
     Rule("collapse_reshape_chain", lambda x, s1, s2: x.reshape(s1).reshape(s2),
          lambda x, s1, s2: x.reshape(s2), _reshape_chain_check),
     Rule("drop_noop_reshape", lambda x, s: x.reshape(s), lambda x, s: x, _reshape_noop_check),
+    Rule("drop_zero_pad", lambda x, p: F.pad(x, p), lambda x, p: x, _zero_pad_check),
+    Rule("drop_zero_pad_full", lambda x, p, m, v: F.pad(x, p, m, v), lambda x, p, m, v: x,
+         _zero_pad_check),
     Rule("drop_single_input_cat", lambda x, d: torch.cat([x], d), lambda x, d: x,
          _single_cat_check),
     *_split_cat_rules(),

@@ -257,6 +257,10 @@ CASES: dict[str, Case] = {
         lambda s, x: (-(-x)).relu(), "double_negation", {"relu": 1}),  # noqa: B002
     "double_negation_torch_neg": Case(
         lambda s, x: torch.neg(x.neg()).relu(), "double_negation", {"relu": 1}),
+    "zero_pad": Case(lambda s, x: F.pad(x, (0, 0, 0, 0)).relu(), "drop_zero_pad", {"relu": 1}),
+    "zero_pad_mode_value": Case(
+        lambda s, x: F.pad(x, (0, 0), mode="constant", value=0.0).relu(), "drop_zero_pad_full",
+        {"relu": 1}),
 }
 
 
@@ -889,3 +893,24 @@ def test_property_layout_chains_keep_their_output(seeds, shape) -> None:
         y = torch.randn(shape)
         assert torch.equal(gm(y), model(y)), (mode, program.steps)
         assert sum(_kinds(gm).values()) <= before
+
+
+class _ZeroPads(nn.Module):
+    def forward(self, x):
+        a = F.pad(x, (0, 0, 0, 0)).relu()
+        b = F.pad(x, [0, 0, 0, 0], mode="constant", value=0.0)
+        c = F.pad(x, (1, 0, 0, 0))  # a real pad stays
+        return a + b, c
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_zero_pads_are_dropped_and_real_pads_kept(mode) -> None:
+    model, x = _ZeroPads().eval(), torch.randn(2, 3, 5, 5)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    res = fxopt.PassManager("simplify").run(gm, (x,))
+    res.module.graph.lint()
+    assert count_kinds(res.module)["pad"] == 1
+    assert sum(v for k, v in res.report[0].stats["fired"].items() if "zero_pad" in k) == 2
+    with torch.no_grad():
+        for got, want in zip(res.module(x), model(x)):
+            torch.testing.assert_close(got, want)
