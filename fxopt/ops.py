@@ -129,16 +129,19 @@ def _owning_module(node: fx.Node) -> nn.Module:
     return gm
 
 
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def fetch_attr(root: nn.Module, path: str) -> Any:
+    """The object at dotted ``path`` under ``root``: what a get_attr node with that target reads.
+
+    Example::
+
+        fetch_attr(gm, "layer1.0.conv1.weight")
+    """
+    return operator.attrgetter(path)(root) if path else root
 
 
 def _set_path(root: nn.Module, path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
-    owner = _get_path(root, ".".join(parents)) if parents else root
+    owner = fetch_attr(root, ".".join(parents)) if parents else root
     if isinstance(getattr(owner, leaf, None), nn.Parameter) or isinstance(value, nn.Parameter):
         if not isinstance(value, nn.Parameter):
             value = nn.Parameter(value, requires_grad=False)
@@ -255,7 +258,7 @@ class OpView:
         for p in self.entry.params:
             src = self._bound.get(p)
             if isinstance(src, fx.Node) and src.op == "get_attr":
-                out[p] = _get_path(root, src.target)
+                out[p] = fetch_attr(root, src.target)
             elif isinstance(src, torch.Tensor):
                 out[p] = src
             else:

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from fxopt.ops import is_pure, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
+from fxopt.passes.builtin_rules import NOOP_RULES
 
 
 @register_pass("dce", Semantics.EXACT)
@@ -109,8 +110,6 @@ def remove_identity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def eliminate_noops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """The ``eliminate_noops`` rule set (fxopt/passes/builtin_rules.py) as a cleanup step."""
-    from fxopt.passes.builtin_rules import NOOP_RULES
-
     fired = NOOP_RULES.apply(gm, ctx.example_inputs)
     return PassResult(gm, modified=bool(fired), stats={"removed": NOOP_RULES.by_kind(fired)})
 

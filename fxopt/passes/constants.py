@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ops import OPAQUE, is_inplace, is_pure, lookup, op_of
+from fxopt.ops import OPAQUE, fetch_attr, is_inplace, is_pure, lookup, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.cleanup import drop_unused_attributes
 
@@ -95,13 +95,6 @@ def written_values(gm: fx.GraphModule) -> set[fx.Node]:
     return written
 
 
-def _fetch(gm: fx.GraphModule, path: str) -> Any:
-    value: Any = gm
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     args = fx.node.map_arg(node.args, lambda n: env[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -139,7 +132,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext, *,
         if node in written:
             continue  # changed in place at run time: not a constant
         if node.op == "get_attr":
-            env[node] = _fetch(gm, node.target)
+            env[node] = fetch_attr(gm, node.target)
         elif node.op.startswith("call") and all(a in env for a in node.all_input_nodes):
             if not is_deterministic_pure(node):
                 continue

@@ -13,7 +13,7 @@ import numbers
 import torch
 import torch.fx as fx
 
-from fxopt.ops import OpView, op_of
+from fxopt.ops import OpView, fetch_attr, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.cleanup import drop_unused_attributes
 
@@ -168,12 +168,9 @@ _AFFINE = {"mul": "scale", "div": "scale", "add": "shift", "sub": "shift"}
 def _constant_value(arg: object) -> torch.Tensor | None:
     if isinstance(arg, numbers.Number) and not isinstance(arg, bool):
         return torch.tensor(float(arg))
-    view = arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-    if view is None:
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
         return None
-    value = arg.graph.owning_module
-    for part in arg.target.split("."):
-        value = getattr(value, part)
+    value = fetch_attr(arg.graph.owning_module, arg.target)
     return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 
@@ -235,7 +232,7 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fold eval-mode batch norm and per-channel affine constants into conv/linear."""
     folded, affine, refused = 0, 0, {}
     for node in list(gm.graph.nodes):
-        if node.op.startswith("call") and op_of(node).kind == "batch_norm":
+        if kind_of(node) == "batch_norm":
             reason = _fold_one_bn(node)
             if reason:
                 refused[node.name] = reason
@@ -245,7 +242,7 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     while changed:
         changed = False
         for node in list(gm.graph.nodes):
-            if node.op.startswith("call") and op_of(node).kind in _AFFINE:
+            if kind_of(node) in _AFFINE:
                 if _fold_one_affine(node):
                     affine += 1
                     changed = True

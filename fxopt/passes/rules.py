@@ -20,6 +20,7 @@ until none fires (a fixed point).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.capture import annotate
-from fxopt.ops import OpView, op_of
+from fxopt.ops import OpView, _aten_name, fetch_attr, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 
 MISSING = object()
@@ -87,9 +88,7 @@ class Match:
         if isinstance(value, ParamRef):
             return value.value
         if isinstance(value, fx.Node) and value.op == "get_attr":
-            obj: Any = value.graph.owning_module
-            for part in value.target.split("."):
-                obj = getattr(obj, part)
+            obj = fetch_attr(value.graph.owning_module, value.target)
             return obj if isinstance(obj, torch.Tensor) else None
         return value if isinstance(value, torch.Tensor) else None
 
@@ -138,7 +137,7 @@ class Rule:
             raise ValueError(f"rule {self.name}: a pattern must return one op's result")
         return out
 
-    @property
+    @functools.cached_property
     def root_kind(self) -> str:
         return op_of(self.root_pattern).kind
 
@@ -195,8 +194,7 @@ class Rule:
                 args = fx.node.map_arg(n.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
                 env[n] = graph.create_node(n.op, n.target, args, kwargs)
-                meta_source = match.root
-                env[n].meta["fxopt_module_path"] = meta_source.meta.get("fxopt_module_path", "")
+                env[n].meta["fxopt_module_path"] = match.root.meta.get("fxopt_module_path", "")
             else:
                 raise ValueError(f"rule {self.name}: replacements may only call functions/methods")
         raise ValueError(f"rule {self.name}: replacement has no output")
@@ -340,8 +338,6 @@ def _arg_names(view: OpView) -> set[str]:
     explicit = set(names[:n_args]) if n_args <= len(names) else set(names)
     kwargs = set(view.node.kwargs)
     if view.form == "aten":
-        from fxopt.ops import _aten_name  # schema spelling -> ours ("self" -> "input")
-
         kwargs = {_aten_name(k, view.node.target) for k in kwargs}
     ours = {schema: name for name, schema in _schema_aliases(view).items()}
     return {ours.get(n, n) for n in explicit | kwargs}
@@ -434,7 +430,7 @@ class RuleSet:
                 for node in list(gm.graph.nodes):
                     if getattr(node, "_erased", False) or not node.op.startswith("call"):
                         continue
-                    if op_of(node).kind != kind:
+                    if kind_of(node) != kind:
                         continue
                     match = rule.match(node)
                     if match:
@@ -473,7 +469,7 @@ class RuleSet:
             for n in gm.graph.nodes:
                 if not n.op.startswith("call") or (node is not None and n.name != node):
                     continue
-                if node is None and op_of(n).kind != r.root_kind:
+                if node is None and kind_of(n) != r.root_kind:
                     continue
                 results.append(r.match(n))
         return results
