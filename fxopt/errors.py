@@ -21,3 +21,7 @@ class LoweringError(FxoptError):
 
 class SpecError(FxoptError):
     """A pipeline spec, recipe file or model SPEC could not be understood."""
+
+
+class FxoptWarning(UserWarning):
+    """Something worked, but not the way the user asked (e.g. an exporter fallback)."""

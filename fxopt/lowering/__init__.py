@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.fx as fx
@@ -76,6 +76,7 @@ def register_backend(name: str, module: str, description: str = "") -> None:
 
 
 register_backend("eager", "fxopt.lowering.eager", "folder: readable code, graph.json, safetensors")
+register_backend("onnx", "fxopt.lowering.onnx", "a .onnx file verified in ONNX Runtime")
 
 
 def targets() -> list[str]:
@@ -183,23 +184,13 @@ def write_folder(dest: Path, write: Callable[[Path], T], own_files: Collection[s
     ...              ["manifest.json"])  # doctest: +SKIP
     """
     check_replaceable(dest, own_files)
-    made = []
-    parent = dest.parent
-    while not parent.exists() and not parent.is_symlink():
-        made.append(parent)
-        parent = parent.parent
+    made = _make_parents(dest)
     tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
     try:
-        for d in reversed(made):
-            d.mkdir()
         tmp.mkdir()
         result = write(tmp)
         for f in [*tmp.iterdir(), tmp]:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(f)
         check_replaceable(dest, own_files)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
@@ -215,17 +206,83 @@ def write_folder(dest: Path, write: Callable[[Path], T], own_files: Collection[s
         return result
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        if isinstance(e, FxoptError) or not isinstance(e, Exception):
-            raise
-        if isinstance(e, OSError):
-            where = e.filename or dest
-            raise LoweringError(f"cannot write {dest}: {e.strerror or e} ({where})") from e
-        raise LoweringError(f"writing {dest} failed: {type(e).__name__}: {e}") from e
+        _remove_parents(made)
+        _reraise_as_lowering_error(e, dest)
+
+
+def write_files(
+    dest: Path, write: Callable[[Path], T], check: Callable[[Path], None] | None = None
+) -> T:
+    """Run ``write(tmp_file)`` where ``tmp_file`` has ``dest``'s name inside a sibling temp
+    folder; every file ``write`` puts in that folder (``m.onnx`` and ``m.onnx.data``, say)
+    is then moved beside ``dest``, the main file last. ``check(dest)`` runs first and again
+    just before the move, to refuse replacing something that is not ours.
+
+    On any failure nothing is moved, the temp folder and any parent folders made for it
+    are removed, and a LoweringError is raised.
+
+    >>> write_files(Path("out/m.onnx"), lambda f: f.write_bytes(b"..."))  # doctest: +SKIP
+    """
+    if check is not None:
+        check(dest)
+    made = _make_parents(dest)
+    tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        result = write(tmp / dest.name)
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)  # main file last
+        for f in [*files, tmp]:
+            _fsync(f)
+        if check is not None:
+            check(dest)
+        for f in files:
+            os.replace(f, dest.parent / f.name)
+        tmp.rmdir()
+        return result
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_parents(made)
+        _reraise_as_lowering_error(e, dest)
+
+
+def _make_parents(dest: Path) -> list[Path]:
+    made = []
+    parent = dest.parent
+    while not parent.exists() and not parent.is_symlink():
+        made.append(parent)
+        parent = parent.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+    except OSError as e:
+        _remove_parents(made)
+        _reraise_as_lowering_error(e, dest)
+    return made
+
+
+def _remove_parents(made: list[Path]) -> None:
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _fsync(f: Path) -> None:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reraise_as_lowering_error(e: BaseException, dest: Path) -> NoReturn:
+    if isinstance(e, FxoptError) or not isinstance(e, Exception):
+        raise e
+    if isinstance(e, OSError):
+        where = e.filename or dest
+        raise LoweringError(f"cannot write {dest}: {e.strerror or e} ({where})") from e
+    raise LoweringError(f"writing {dest} failed: {type(e).__name__}: {e}") from e
 
 
 def run_module(module: Callable[..., Any], inputs: tuple, what: str) -> Any:
@@ -283,5 +340,6 @@ __all__ = [
     "register_backend",
     "run_module",
     "targets",
+    "write_files",
     "write_folder",
 ]

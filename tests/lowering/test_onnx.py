@@ -1,0 +1,304 @@
+"""The ONNX backend: export (both exporters), cleanup, checker, ORT verification, artifacts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import fxopt
+from fxopt import zoo
+from fxopt.errors import FxoptWarning, LoweringError
+from fxopt.lowering import onnx as onnx_backend
+from fxopt.verify import compare_outputs
+
+ZOO = [(name, mode) for name in zoo.names() for mode in ("symbolic", "export")
+       if not (name == "dynamic" and mode == "symbolic")]
+
+
+def _optimized(zoo_case, name: str, mode: str) -> tuple[fx.GraphModule, tuple]:
+    model, inputs, gm = zoo_case(name, mode)
+    return fxopt.optimize(gm, inputs, "default").module, inputs
+
+
+def _input_dims(path) -> list[list]:
+    model = onnx.load(str(path), load_external_data=False)
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input]
+
+
+def _leftovers(folder) -> list[str]:
+    return [p for p in os.listdir(folder) if ".tmp-" in p]
+
+
+class Seq(nn.Module):
+    """(batch, seq, 16) -> (batch, seq, 8): any sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(torch.relu(self.fc(x))).softmax(-1)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.a(x), "extra": (self.b(x), x.sum(-1))}
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+@pytest.mark.parametrize("name,mode", ZOO)
+def test_zoo_export_passes_checker_and_matches_in_ort(zoo_case, fresh_inputs, tmp_path, name,
+                                                       mode):
+    gm, inputs = _optimized(zoo_case, name, mode)
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / f"{name}.onnx")
+    onnx.checker.check_model(str(art.path), full_check=True)
+    proto = onnx.load(str(art.path))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    assert art.manifest["opset"] == 18 and art.manifest["exporter"] == "dynamo"
+    assert all(dims[0] == "batch" for dims in _input_dims(art.path))
+    assert not any(n.op_type == "Identity" for n in proto.graph.node)
+    assert len(art.manifest["verified"]) == 2  # the example inputs and a grown batch
+    for check in art.manifest["verified"].values():
+        assert check["max_rel"] <= 1e-4
+    x = fresh_inputs(inputs, batch=inputs[0].shape[0] + 2)
+    with torch.no_grad():
+        assert compare_outputs(gm(*x), art(*x)).ok()
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "densenet", "transformer", "mlp"])
+def test_torchscript_exporter_on_symbolic_graphs(zoo_case, fresh_inputs, tmp_path, name):
+    gm, inputs = _optimized(zoo_case, name, "symbolic")
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", exporter="torchscript")
+    assert art.manifest["exporter"] == "torchscript"
+    onnx.checker.check_model(str(art.path))
+    x = fresh_inputs(inputs, batch=5)
+    with torch.no_grad():
+        assert compare_outputs(gm(*x), art(*x)).ok()
+
+
+def test_torchscript_that_bakes_the_batch_size_is_refused(zoo_case, tmp_path):
+    gm, inputs = _optimized(zoo_case, "transformer", "export")
+    with pytest.raises(LoweringError, match="exporter='dynamo'"):
+        fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", exporter="torchscript")
+    assert os.listdir(tmp_path) == []
+
+
+def test_auto_falls_back_to_torchscript_and_says_so(zoo_case, tmp_path, monkeypatch):
+    gm, inputs = _optimized(zoo_case, "resnet", "symbolic")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated torch.export failure")
+
+    monkeypatch.setattr(onnx_backend.onnx_export, "_export_dynamo", broken)
+    with pytest.warns(FxoptWarning, match="torchscript exporter because.*simulated"):
+        art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx")
+    assert art.manifest["exporter"] == "torchscript"
+    assert "simulated" in art.manifest["fallback_from"][0]
+    with pytest.raises(LoweringError, match="dynamo exporter failed.*simulated"):
+        fxopt.lower(gm, "onnx", inputs, path=tmp_path / "n.onnx", exporter="dynamo")
+    assert not (tmp_path / "n.onnx").exists()
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("opset,exporter", [(17, "torchscript"), (18, "dynamo"), (20, "dynamo")])
+def test_opset_is_chosen_checked_and_recorded(tmp_path, opset, exporter):
+    gm = fx.symbolic_trace(Seq())
+    x = torch.randn(2, 5, 16)
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx", opset=opset, exporter=exporter)
+    proto = onnx.load(str(art.path))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == opset
+    assert fxopt.load(art.path).manifest["opset"] == opset
+
+
+def test_named_dynamic_dimension(tmp_path):
+    gm = fx.symbolic_trace(Seq())
+    x = torch.randn(2, 5, 16)
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx", dynamic_dims={"x": {1: "seq"}})
+    assert _input_dims(art.path) == [["batch", "seq", 16]]
+    assert "seq=6" in " ".join(art.manifest["verified"])
+    y = torch.randn(3, 11, 16)
+    assert compare_outputs(gm(y), art(y)).ok()
+
+
+def test_naming_a_fixed_dimension_is_an_error(zoo_case, tmp_path):
+    gm, inputs = _optimized(zoo_case, "transformer", "export")  # positions are fixed at 16
+    with pytest.raises(LoweringError, match="fails with batch=3, seq=17"):
+        fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", exporter="dynamo",
+                    dynamic_dims={0: {1: "seq"}})
+    assert os.listdir(tmp_path) == []
+
+
+def test_static_export(tmp_path):
+    gm = fx.symbolic_trace(Seq())
+    art = fxopt.lower(gm, "onnx", (torch.randn(2, 5, 16),), path=tmp_path / "m.onnx",
+                      dynamic=False)
+    assert _input_dims(art.path) == [[2, 5, 16]]
+    assert list(art.manifest["verified"]) == ["the example inputs"]
+
+
+def test_batch_of_one_still_exports_a_dynamic_batch(zoo_model, tmp_path):
+    model, (x,) = zoo_model("resnet")
+    gm = fxopt.capture(model, (x[:1],), mode="export")
+    art = fxopt.lower(gm, "onnx", (x[:1],), path=tmp_path / "m.onnx")
+    assert _input_dims(art.path)[0][0] == "batch"
+    y = torch.randn(4, *x.shape[1:])
+    with torch.no_grad():
+        assert compare_outputs(gm(y), art(y)).ok()
+
+
+def test_external_data_above_the_threshold(zoo_case, tmp_path):
+    gm, inputs = _optimized(zoo_case, "resnet", "symbolic")
+    small = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "small.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["small.onnx"]
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "big.onnx", external_data_threshold=1024)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 10_000
+    assert (tmp_path / "big.onnx").stat().st_size < small.path.stat().st_size / 5
+    onnx.checker.check_model(str(art.path))
+    copy = fxopt.load(art.path).save(tmp_path / "copy" / "renamed.onnx")
+    assert sorted(os.listdir(tmp_path / "copy")) == ["renamed.onnx", "renamed.onnx.data"]
+    with torch.no_grad():
+        assert compare_outputs(gm(*inputs), copy(*inputs)).ok()
+
+
+def test_session_options_and_providers(zoo_case, tmp_path):
+    gm, inputs = _optimized(zoo_case, "mlp", "symbolic")
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", threads=2,
+                      graph_optimization_level="basic", providers=["CPUExecutionProvider"])
+    opts = art.session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert art.session.get_providers() == ["CPUExecutionProvider"]
+    again = fxopt.load(art.path, threads=1, graph_optimization_level="disable")
+    assert again.session.get_session_options().intra_op_num_threads == 1
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def test_injected_mismatch_raises_and_leaves_no_file(zoo_case, tmp_path, monkeypatch):
+    gm, inputs = _optimized(zoo_case, "resnet", "symbolic")
+    clean = onnx_backend.onnx_export.clean
+
+    def corrupt(model):  # scale the first conv weight by 1%
+        stats = clean(model)
+        for value in model.graph.initializers.values():
+            if value.const_value is not None and value.const_value.numpy().ndim == 4:
+                value.const_value = onnx_backend.ir.Tensor(value.const_value.numpy() * 1.01,
+                                                           name=value.name)
+                break
+        return stats
+
+    monkeypatch.setattr(onnx_backend.onnx_export, "clean", corrupt)
+    out = tmp_path / "new" / "m.onnx"
+    with pytest.raises(LoweringError, match="output 'output' differs by") as err:
+        fxopt.lower(gm, "onnx", inputs, path=out)
+    assert "not written" in str(err.value)
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_replacing_an_existing_model_and_refusing_other_files(zoo_case, tmp_path):
+    gm, inputs = _optimized(zoo_case, "mlp", "symbolic")
+    path = tmp_path / "m.onnx"
+    fxopt.lower(gm, "onnx", inputs, path=path, opset=18)
+    fxopt.lower(gm, "onnx", inputs, path=path, opset=20)
+    assert fxopt.load(path).manifest["opset"] == 20
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    with pytest.raises(LoweringError, match="not an ONNX model file; refusing"):
+        fxopt.lower(gm, "onnx", inputs, path=notes)
+    assert notes.read_text() == "my notes"
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(LoweringError, match="refusing"):
+        fxopt.lower(gm, "onnx", inputs, path=tmp_path / "d.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["d.onnx", "m.onnx", "notes.onnx"]
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"exporter": "tflite"}, "unknown exporter"),
+    ({"opset": 3}, "opset 3 is not available"),
+    ({"threads": 0}, "threads must be a positive integer"),
+    ({"providers": ["NoSuchExecutionProvider"]}, "not available here"),
+    ({"graph_optimization_level": "max"}, "graph_optimization_level"),
+    ({"dynamic_dims": {"y": {1: "seq"}}}, "inputs are x"),
+    ({"dynamic_dims": {0: {7: "seq"}}}, "not a dimension"),
+    ({"dim_bounds": {"batch": (4, 2, 8)}}, "min <= opt <= max"),
+    ({"dim_bounds": {"seq": (1, 2, 8)}}, "not a dynamic dimension"),
+])
+def test_user_mistakes_are_typed_and_write_nothing(tmp_path, options, match):
+    gm = fx.symbolic_trace(Seq())
+    with pytest.raises(LoweringError, match=match):
+        fxopt.lower(gm, "onnx", (torch.randn(2, 5, 16),), path=tmp_path / "m.onnx", **options)
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_arguments(tmp_path):
+    gm = fx.symbolic_trace(Seq())
+    with pytest.raises(LoweringError, match="pass path="):
+        fxopt.lower(gm, "onnx", (torch.randn(2, 5, 16),))
+    with pytest.raises(LoweringError, match="capture the model first"):
+        fxopt.lower(Seq(), "onnx", (torch.randn(2, 5, 16),), path=tmp_path / "m.onnx")
+    flag = fx.symbolic_trace(lambda x, scale: x * scale)
+    with pytest.raises(LoweringError, match="must be tensors"):
+        fxopt.lower(flag, "onnx", (torch.randn(2), 2.0), path=tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_artifact_takes_numpy_and_torch_and_keeps_output_structure(tmp_path):
+    gm = fx.symbolic_trace(TwoHeads())
+    x = torch.randn(3, 4)
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx")
+    assert art.output_names == ["logits", "extra_0", "extra_1"]
+    for inp in (x, x.numpy()):
+        out = fxopt.load(tmp_path / "m.onnx")(inp)
+        assert set(out) == {"logits", "extra"} and isinstance(out["extra"], tuple)
+        assert compare_outputs(gm(x), out).ok()
+    with pytest.raises(LoweringError, match="takes 1 inputs"):
+        art(x, x)
+
+
+def test_load_folder_and_foreign_onnx_files(tmp_path):
+    model = Seq().eval()
+    x = torch.randn(2, 5, 16)
+    (tmp_path / "plain").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "plain" / "model.onnx"), dynamo=False)
+    art = fxopt.load(tmp_path / "plain")
+    assert art.kind == "onnx" and art.manifest == {}
+    assert torch.allclose(art(x), model(x), atol=1e-5)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
+    with pytest.raises(LoweringError, match="not a readable ONNX model"):
+        fxopt.load(tmp_path / "junk.onnx")
+
+
+def test_save_to_a_folder_writes_model_onnx(tmp_path):
+    gm = fx.symbolic_trace(Seq())
+    x = torch.randn(2, 5, 16)
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "out")
+    assert art.path == tmp_path / "out" / "model.onnx"
+    saved = art.save(tmp_path / "copy.onnx")
+    assert saved.path == tmp_path / "copy.onnx"
+    assert np.allclose(saved(x).numpy(), art(x).numpy())
+    assert art.save(art.path) is art
