@@ -14,7 +14,7 @@ import logging
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ def capture(
     leaf_modules: LeafPolicy = None,
     concrete_args: dict[str, Any] | None = None,
     dynamic_batch: bool = True,
+    dynamic_dims: Mapping[int, Sequence[int]] | None = None,
     check: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` (in eval mode) into a GraphModule annotated with shapes and dtypes.
@@ -58,6 +59,9 @@ def capture(
     ``meta["fxopt_module_path"]``; ``gm.meta["fxopt"]["capture"]`` says which front end was
     used and why. With ``check`` the graph is compared with the model on the example inputs,
     on fresh random inputs, and on another batch size where the model allows it.
+    ``dynamic_dims`` ({input position: [dims]}, e.g. ``{0: [1]}`` for a sequence length)
+    asks torch.export to keep more dimensions than the batch symbolic; symbolic tracing
+    keeps every dimension symbolic anyway.
 
     Example::
 
@@ -88,7 +92,7 @@ def capture(
         return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
     if mode == "export":
         try:
-            gm = _export(work, inputs, dynamic_batch)
+            gm = _export(work, inputs, dynamic_batch, dynamic_dims)
         except CaptureError as e:
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__}: {e}\nTry: "
@@ -104,7 +108,7 @@ def capture(
         return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
     except CaptureError as sym_err:
         try:
-            gm = _export(work, inputs, dynamic_batch)
+            gm = _export(work, inputs, dynamic_batch, dynamic_dims)
         except CaptureError as exp_err:
             raise CaptureError(
                 f"neither front end could capture {type(model).__name__}.\n"
@@ -200,11 +204,13 @@ def _symbolic(model: nn.Module, leaf: LeafPolicy, concrete_args: dict | None) ->
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def _export(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> fx.GraphModule:
+def _export(model: nn.Module, inputs: tuple, dynamic_batch: bool,
+            dynamic_dims: Mapping[int, Sequence[int]] | None = None) -> fx.GraphModule:
     errors = []
+    wanted = dynamic_batch or bool(dynamic_dims)
     for strict in (False, True):
-        for dynamic in ((True, False) if dynamic_batch else (False,)):
-            shapes = _batch_dims(inputs) if dynamic else None
+        for dynamic in ((True, False) if wanted else (False,)):
+            shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_dims) if dynamic else None
             try:
                 with warnings.catch_warnings(), _quiet_export_logs():
                     warnings.simplefilter("ignore")
@@ -231,14 +237,16 @@ def _quiet_export_logs():
         logger.setLevel(level)
 
 
-def _batch_dims(inputs: tuple) -> tuple:
-    dims = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            dims.append({0: torch.export.Dim.AUTO})
-        else:
-            dims.append(None)
-    return tuple(dims)
+def _dynamic_shapes(inputs: tuple, batch: bool,
+                    extra: Mapping[int, Sequence[int]] | None) -> tuple:
+    shapes = []
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            shapes.append(None)
+            continue
+        dims = ([0] if batch else []) + [d % x.dim() for d in (extra or {}).get(i, ())]
+        shapes.append({d: torch.export.Dim.AUTO for d in dims} or None)
+    return tuple(shapes)
 
 
 def _graph_module_from_export(ep: torch.export.ExportedProgram, name: str) -> fx.GraphModule:

@@ -3,6 +3,8 @@
     fxopt inspect resnet
     fxopt inspect my_models.py:build --input-shape 1,3,224,224
     fxopt optimize resnet --pipeline default --target eager -o out/resnet
+    fxopt optimize resnet --target onnx -o out/resnet-onnx
+    fxopt check-trt out/resnet-onnx/model.onnx
     fxopt demo
 """
 
@@ -153,7 +155,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                          progress=_progress)
     print(res.report)
     _progress(f"lowering to {args.target}")
-    artifact = fxopt.lower(res.module, args.target, inputs, path=args.output)
+    options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
+               if v is not None}
+    if options and args.target != "onnx":
+        raise SpecError(f"--{'/--'.join(options)} only apply to --target onnx")
+    artifact = fxopt.lower(res.module, args.target, inputs, path=args.output, **options)
     print(f"wrote {args.target} artifact to {artifact.path} (verified against the graph)")
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(res.report.to_dict(), indent=2, default=str))
@@ -203,18 +209,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fxopt.lower(res.module, "eager", inputs, path=out)
     loaded = fxopt.load(out)
     with torch.no_grad():
-        cmp = compare_outputs(model(*inputs), loaded(*inputs))
+        reference = model(*inputs)
+        cmp = compare_outputs(reference, loaded(*inputs))
     print(f"reloaded {out}: max abs error vs the original model {cmp.max_abs:.2e} "
           f"({'ok' if cmp.ok() else 'MISMATCH'})")
+    onnx_path = Path(args.output) / f"{entry.name}.onnx"
+    _progress(f"exporting to ONNX and verifying it in ONNX Runtime: {onnx_path}")
+    threads = torch.get_num_threads()
+    onnx_art = fxopt.lower(res.module, "onnx", inputs, path=onnx_path, threads=threads,
+                           providers=["CPUExecutionProvider"])
+    onnx_cmp = compare_outputs(reference, onnx_art(*inputs))
+    checked = "; ".join(f"{what}: max rel {v['max_rel']:.1e}"
+                        for what, v in onnx_art.manifest["verified"].items())
+    print(f"wrote {onnx_path} ({onnx_art.manifest['exporter']} exporter, opset "
+          f"{onnx_art.manifest['opset']}), verified in ONNX Runtime ({checked}); max abs error "
+          f"vs the original model {onnx_cmp.max_abs:.2e} ({'ok' if onnx_cmp.ok() else 'MISMATCH'})")
     from fxopt.bench import compare_latency
 
-    _progress("timing eager vs the reloaded artifact (interleaved rounds)")
-    timing = compare_latency({"eager": model, "fxopt": loaded.module}, inputs, rounds=3)
-    print(f"latency: eager {timing.stats['eager'].median_ms:.3f} ms, fxopt "
-          f"{timing.stats['fxopt'].median_ms:.3f} ms ({timing.speedups['fxopt']:.2f}x, "
-          f"batch {entry.batch}, {torch.get_num_threads()} threads; noisy on shared machines)")
+    _progress("timing eager vs the fxopt artifacts (interleaved rounds)")
+    timing = compare_latency(
+        {"eager": model, "fxopt": loaded.module, "onnxruntime": onnx_art}, inputs, rounds=3)
+    ms = {k: v.median_ms for k, v in timing.stats.items()}
+    print(f"latency: eager {ms['eager']:.3f} ms, fxopt eager {ms['fxopt']:.3f} ms "
+          f"({timing.speedups['fxopt']:.2f}x), ONNX Runtime {ms['onnxruntime']:.3f} ms "
+          f"({timing.speedups['onnxruntime']:.2f}x); batch {entry.batch}, {threads} threads, "
+          "noisy on shared machines")
     print(f"total {time.perf_counter() - start:.2f}s")
-    return 0 if cmp.ok() else 1
+    return 0 if cmp.ok() and onnx_cmp.ok() else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="run a pipeline and write an artifact")
     model_args(p)
     p.add_argument("--pipeline", default="default", help="spec string or recipe.toml")
-    p.add_argument("--target", default="eager", help="artifact kind (eager)")
-    p.add_argument("-o", "--output", required=True, help="artifact path")
+    p.add_argument("--target", default="eager", help="artifact kind: eager or onnx")
+    p.add_argument("-o", "--output", required=True,
+                   help="artifact path (for onnx: a .onnx file, or a folder to hold model.onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset (onnx target; default 18)")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"),
+                   help="ONNX exporter (onnx target; default auto)")
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.set_defaults(fn=cmd_optimize)

@@ -411,6 +411,28 @@ def test_dynamic_batch_false_records_a_fixed_shape() -> None:
     assert gm.meta["fxopt"]["inputs"][0]["shape"] == list(inputs[0].shape)
 
 
+class SeqMean(nn.Module):
+    """Mean over a sequence, then a linear: works at any sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.reshape(x.shape[0], x.shape[1], 4).mean(1))
+
+
+def test_export_keeps_named_dimensions_symbolic() -> None:
+    model = SeqMean()
+    x, longer = torch.randn(2, 5, 4), torch.randn(3, 9, 4)
+    fixed = fxopt.capture(model, (x,), mode="export")
+    with pytest.raises(Exception):  # noqa: B017 - torch's own shape error
+        fixed(longer)
+    for dims in ({0: [1]}, {0: [-2]}):
+        gm = fxopt.capture(model, (x,), mode="export", dynamic_dims=dims)
+        torch.testing.assert_close(gm(longer), model(longer))
+
+
 class Noisy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, 0.5, training=True)

@@ -129,3 +129,20 @@ def test_demo_runs(capsys, tmp_path):
     assert code == 0
     assert "reloaded" in out and "(ok)" in out
     assert (Path(tmp_path) / "mlp" / "manifest.json").exists()
+    assert "verified in ONNX Runtime" in out and "ONNX Runtime" in out.splitlines()[-2]
+    assert fxopt.load(Path(tmp_path) / "mlp.onnx").kind == "onnx"
+
+
+def test_optimize_to_onnx_writes_a_verified_model(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "resnet", "--target", "onnx", "-o",
+                         str(tmp_path / "out"), "--opset", "20")
+    assert code == 0, err
+    art = fxopt.load(tmp_path / "out")
+    assert art.path.name == "model.onnx" and art.manifest["opset"] == 20
+    assert art.manifest["verified"]
+
+
+def test_onnx_options_need_the_onnx_target(capsys, tmp_path):
+    code, _, err = run(capsys, "optimize", "mlp", "-o", str(tmp_path / "m"), "--opset", "18")
+    assert code == 2 and "--opset only apply to --target onnx" in err
+    assert list(tmp_path.iterdir()) == []

@@ -76,3 +76,34 @@ def test_real_model_capture_optimize_lower_reload(name, tmp_path):
     report = compare_outputs(want, got)
     assert report.ok(), report.max_abs
     assert report.max_abs == 0.0 or report.rel < 1e-6
+
+
+TEXT_MODELS = {"minilm-pretrained", "hf-bert"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_real_model_exports_to_onnx_and_verifies_in_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model, inputs = CASES[name]()
+    model.eval()
+    with torch.no_grad():
+        want = model(*inputs)
+    seq = {i: {1: "seq"} for i in range(len(inputs))} if name in TEXT_MODELS else None
+    capture_dims = {i: list(dims) for i, dims in seq.items()} if seq else None
+    res = fxopt.optimize(model, inputs, "default", dynamic_dims=capture_dims)
+    art = fxopt.lower(res.module, "onnx", inputs, path=tmp_path / f"{name}.onnx",
+                      dynamic_dims=seq)
+    assert art.manifest["exporter"] == "dynamo"
+    assert len(art.manifest["verified"]) == 2
+    got = art(*inputs)
+    want_leaves = [t for t in torch.utils._pytree.tree_leaves(want) if t is not None]
+    got_leaves = torch.utils._pytree.tree_leaves(got)
+    assert len(got_leaves) == len(want_leaves)
+    report = compare_outputs(want_leaves, got_leaves)
+    assert report.ok(), (report.max_abs, report.rel)
+    if seq:  # a longer sentence, a bigger batch: the file is dynamic in both
+        longer = tuple(torch.cat([x, x[:, :5]], dim=1).repeat(2, 1)[:3] for x in inputs)
+        with torch.no_grad():
+            want_longer = torch.utils._pytree.tree_leaves(model(*longer))
+        assert compare_outputs(want_longer, torch.utils._pytree.tree_leaves(art(*longer))).ok()
