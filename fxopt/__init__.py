@@ -19,6 +19,20 @@ from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register
 from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
 
+
+def check_trt(model, trt_version: int = 10, dim_bounds=None):
+    """Report what TensorRT's ONNX parser will reject or handle badly in an ONNX model.
+
+    Example::
+
+        report = fxopt.check_trt("out/model.onnx", trt_version=10)
+        print(report.format()); report.ok
+    """
+    from fxopt.lowering.trt_check import check_trt as _check_trt  # imports onnx lazily
+
+    return _check_trt(model, trt_version=trt_version, dim_bounds=dim_bounds)
+
+
 __all__ = [
     "PIPELINES",
     "CaptureError",
@@ -35,6 +49,7 @@ __all__ = [
     "SpecError",
     "Tolerance",
     "capture",
+    "check_trt",
     "inspect",
     "load",
     "lower",

@@ -1,4 +1,5 @@
-"""The ``fxopt`` command: inspect, optimize, list passes and zoo models, run the demo.
+"""The ``fxopt`` command: inspect, optimize, check TensorRT readiness, list passes and zoo
+models, run the demo.
 
     fxopt inspect resnet
     fxopt inspect my_models.py:build --input-shape 1,3,224,224
@@ -166,6 +167,26 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bound(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, values = text.partition("=")
+    try:
+        bounds = tuple(int(v) for v in values.split(","))
+    except ValueError:
+        bounds = ()
+    if not name or len(bounds) != 3:
+        raise SpecError(f"--bound {text!r}: expected NAME=MIN,OPT,MAX, e.g. batch=1,8,32")
+    return name, bounds
+
+
+def cmd_check_trt(args: argparse.Namespace) -> int:
+    import fxopt
+
+    bounds = dict(_parse_bound(b) for b in args.bound or [])
+    report = fxopt.check_trt(args.model, trt_version=args.trt_version, dim_bounds=bounds or None)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from fxopt.passes.base import REGISTRY, known_passes
     from fxopt.pipeline import PIPELINES
@@ -267,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.set_defaults(fn=cmd_optimize)
+
+    p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser will reject "
+                       "(exit 1 on a blocker)")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--trt-version", type=int, default=10, choices=(10, 11))
+    p.add_argument("--bound", action="append", metavar="NAME=MIN,OPT,MAX",
+                   help="bounds of a dynamic dimension, e.g. batch=1,8,32 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(fn=cmd_check_trt)
 
     sub.add_parser("passes", help="list registered passes and named pipelines").set_defaults(
         fn=cmd_passes)

@@ -146,3 +146,27 @@ def test_onnx_options_need_the_onnx_target(capsys, tmp_path):
     code, _, err = run(capsys, "optimize", "mlp", "-o", str(tmp_path / "m"), "--opset", "18")
     assert code == 2 and "--opset only apply to --target onnx" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_trt_exit_codes(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    assert run(capsys, "optimize", "mlp", "--target", "onnx", "-o", str(tmp_path / "m"))[0] == 0
+    model = str(tmp_path / "m" / "model.onnx")
+    code, out, _ = run(capsys, "check-trt", model)
+    assert code == 0 and "unbounded-dynamic-dim" in out and "0 blockers" in out
+    code, out, _ = run(capsys, "check-trt", model, "--bound", "batch=1,4,16", "--trt-version", "11")
+    assert code == 0 and "0 blockers, 0 warnings" in out
+    node = helper.make_node("Unique", ["x"], ["y"], name="dedupe")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    graph = helper.make_graph([node], "g", [x], [y])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(bad))
+    code, out, _ = run(capsys, "check-trt", str(bad), "--json")
+    data = json.loads(out)
+    assert code == 1 and any(f["node"] == "dedupe" and f["severity"] == "blocker"
+                             for f in data["findings"])
+    code, _, err = run(capsys, "check-trt", model, "--bound", "batch=1,4")
+    assert code == 2 and "NAME=MIN,OPT,MAX" in err

@@ -302,3 +302,18 @@ def test_save_to_a_folder_writes_model_onnx(tmp_path):
     assert saved.path == tmp_path / "copy.onnx"
     assert np.allclose(saved(x).numpy(), art(x).numpy())
     assert art.save(art.path) is art
+
+
+# --------------------------------------------------------------------------- TensorRT readiness
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "shufflenet", "transformer", "gqa"])
+def test_fxopt_exports_are_tensorrt_ready(zoo_case, tmp_path, name):
+    gm, inputs = _optimized(zoo_case, name, "export")
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", dim_bounds={"batch": (1, 2, 8)})
+    assert art.manifest["dim_bounds"] == {"batch": [1, 2, 8]}
+    for version in (10, 11):
+        assert fxopt.check_trt(art.path, trt_version=version).findings == []
+    unbounded = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "u.onnx")
+    report = fxopt.check_trt(unbounded.path)
+    assert report.ok and [f.code for f in report.findings] == ["unbounded-dynamic-dim"]
