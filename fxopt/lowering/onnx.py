@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,7 +43,7 @@ from fxopt.verify import EXACT, Tolerance, compare_outputs, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20  # torch.onnx's default too; opset 20 has a native Gelu
 DEFAULT_FILE = "model.onnx"
 # protobuf cannot serialize a message over 2 GiB; keep headroom for the graph itself
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -401,8 +402,7 @@ def _verify(f: Path, checks: list, output_names: list[str], tolerance: Tolerance
         try:
             outs = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
         except Exception as e:
-            raise LoweringError(
-                f"ONNX Runtime failed on {what}{hint}: {str(e).strip()[:300]}") from e
+            raise LoweringError(f"ONNX Runtime failed on {what}: {_ort_reason(e)}{hint}") from e
         report = compare_outputs(ref, outs, tolerance)
         if not report.ok():
             bad = report.structure_error or _worst(report, output_names, tolerance)
@@ -411,6 +411,15 @@ def _verify(f: Path, checks: list, output_names: list[str], tolerance: Tolerance
                 "the file was not written")
         results[what] = {"max_abs": report.max_abs, "max_rel": report.rel}
     return results
+
+
+def _ort_reason(e: Exception) -> str:
+    """ONNX Runtime's message without its source paths and C++ signatures."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ ", "", text)
+    text = re.sub(r"(\w+::)+\w+\([^)]*\)( const)? ", "", text)
+    return text[:500]
 
 
 def _worst(report, output_names: list[str], tolerance: Tolerance) -> str:

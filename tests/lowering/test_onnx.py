@@ -69,8 +69,9 @@ def test_zoo_export_passes_checker_and_matches_in_ort(zoo_case, fresh_inputs, tm
     art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / f"{name}.onnx")
     onnx.checker.check_model(str(art.path), full_check=True)
     proto = onnx.load(str(art.path))
-    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
-    assert art.manifest["opset"] == 18 and art.manifest["exporter"] == "dynamo"
+    opset = onnx_backend.DEFAULT_OPSET
+    assert {o.domain: o.version for o in proto.opset_import}[""] == opset
+    assert art.manifest["opset"] == opset and art.manifest["exporter"] == "dynamo"
     assert all(dims[0] == "batch" for dims in _input_dims(art.path))
     assert not any(n.op_type == "Identity" for n in proto.graph.node)
     assert len(art.manifest["verified"]) == 2  # the example inputs and a grown batch
