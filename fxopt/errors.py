@@ -15,6 +15,11 @@ class PassError(FxoptError):
     """A pass failed, or its output failed verification against the reference."""
 
 
+class QuantizationError(PassError):
+    """Quantization cannot proceed: no calibration data, an observer never fed, nothing to
+    quantize, or a graph that is already quantized."""
+
+
 class LoweringError(FxoptError):
     """An artifact could not be written, or it does not reproduce the GraphModule."""
 

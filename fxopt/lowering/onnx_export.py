@@ -34,6 +34,9 @@ from onnxscript import rewriter as onnxscript_rewriter
 from fxopt.errors import LoweringError
 
 EXPORTERS = ("dynamo", "torchscript")
+# torch op -> onnxscript function, for fxopt's own custom ops (e.g. dynamic int8 linear);
+# passed to the dynamo exporter as its custom_translation_table
+TRANSLATIONS: dict[Any, Any] = {}
 # {input position: {dimension: symbolic name}}
 DynamicDims = Mapping[int, Mapping[int, str]]
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export",
@@ -55,6 +58,15 @@ def quiet() -> Iterator[None]:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def register_translation(op: Any, onnx_fn: Any) -> None:
+    """Teach the dynamo exporter an fxopt custom op: ``op`` (a ``torch.ops`` overload) is
+    written as the onnxscript function ``onnx_fn``.
+
+    >>> register_translation(torch.ops.fxopt.my_op.default, my_onnx_fn)  # doctest: +SKIP
+    """
+    TRANSLATIONS[op] = onnx_fn
 
 
 def export(
@@ -94,6 +106,7 @@ def _export_dynamo(gm, inputs, opset, input_names, output_names, dynamic_dims) -
     program = torch.onnx.export(
         gm, inputs, dynamo=True, opset_version=opset, input_names=input_names,
         output_names=output_names, verbose=False, optimize=False,
+        custom_translation_table=dict(TRANSLATIONS) or None,
         dynamic_shapes=dynamic_shapes if any(dynamic_dims.values()) else None,
     )
     return program.model
