@@ -12,12 +12,35 @@ Example::
 
 from fxopt import inspect, ops
 from fxopt.capture import capture
-from fxopt.errors import CaptureError, FxoptError, LoweringError, PassError, SpecError
+from fxopt.errors import (
+    CaptureError,
+    FxoptError,
+    LoweringError,
+    PassError,
+    QuantizationError,
+    SpecError,
+)
 from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
+
+
+def calibrate(gm, batches, *, progress=True, max_batches=None) -> int:
+    """Feed calibration ``batches`` (any iterable of input batches; a DataLoader works)
+    through a graph with observing fake-quant nodes, then freeze their scales.
+
+    Example::
+
+        fxopt.quant.static.prepare(gm, "ort")
+        fxopt.calibrate(gm, loader, max_batches=32)
+    """
+    from fxopt.quant import static
+
+    count = static.calibrate(gm, batches, progress=progress, max_batches=max_batches)
+    static.freeze(gm)
+    return count
 
 
 def check_trt(model, trt_version: int = 10, dim_bounds=None):
@@ -44,10 +67,12 @@ __all__ = [
     "PassError",
     "PassManager",
     "PassResult",
+    "QuantizationError",
     "Report",
     "Semantics",
     "SpecError",
     "Tolerance",
+    "calibrate",
     "capture",
     "check_trt",
     "inspect",

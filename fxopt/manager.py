@@ -24,7 +24,7 @@ from torch import nn
 from fxopt.capture import annotate, capture, normalize_inputs
 from fxopt.errors import PassError
 from fxopt.ops import op_of
-from fxopt.passes.base import Pass, PassContext, PassResult, Semantics
+from fxopt.passes.base import REGISTRY, Pass, PassContext, PassResult, Semantics
 from fxopt.pipeline import PipelineLike, parse_pipeline
 from fxopt.verify import APPROXIMATE, EXACT, Tolerance, compare_outputs, worst_node
 
@@ -155,6 +155,9 @@ class PassManager:
                 return self.tolerance[p.name]
             if p.semantics.value in self.tolerance:
                 return self.tolerance[p.semantics.value]
+        info = REGISTRY.get(p.name)
+        if info is not None and info.tolerance is not None:
+            return info.tolerance
         return TOLERANCES.get(p.semantics)
 
     def run(

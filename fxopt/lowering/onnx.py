@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import Artifact, destination, onnx_export, run_module, write_files
-from fxopt.verify import EXACT, Tolerance, compare_outputs, random_like_inputs
+from fxopt.verify import EXACT, QUANTIZED, Tolerance, compare_outputs, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
@@ -118,7 +118,7 @@ def lower(
     dim_bounds: Mapping[str, Sequence[int]] | None = None,
     exporter: str = "auto",
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    tolerance: Tolerance = EXACT,
+    tolerance: Tolerance | None = None,
     threads: int | None = None,
     graph_optimization_level: str = "all",
     providers: Sequence[Any] | None = None,
@@ -130,6 +130,8 @@ def lower(
     ``exporter`` is ``"dynamo"`` (torch.export-based), ``"torchscript"``, or ``"auto"``
     (dynamo, then TorchScript with a warning if dynamo fails or does not verify).
     ``dim_bounds`` ({"batch": (min, opt, max)}) is recorded for TensorRT profiles.
+    ``tolerance`` defaults to 1e-4 relative, or ``fxopt.verify.QUANTIZED`` for a graph
+    the ``quantize`` pass changed (ONNX Runtime runs real int8 kernels there).
     Session options (``threads``, ``graph_optimization_level``, ``providers``) apply to
     the returned artifact; verification always runs on ONNX Runtime's CPU provider.
 
@@ -158,6 +160,9 @@ def lower(
     dest = _model_file(path)
     _check_replaceable(dest)  # before any work: refuse early, touch nothing
 
+    if tolerance is None:
+        quantized = (gm.meta.get("fxopt") or {}).get("quantized")
+        tolerance = QUANTIZED if quantized else EXACT
     reference = run_module(gm, inputs, "the GraphModule")
     job = _Job(gm, inputs, input_names, _output_names(reference), dims, bounds, opset,
                external_data_threshold, tolerance,

@@ -149,7 +149,7 @@ def clean(model: ir.Model) -> dict[str, int]:
     """
     before = _count_nodes(model)
     with quiet():
-        onnxscript_optimizer.optimize_ir(model)
+        onnxscript_optimizer.optimize_ir(model, should_fold=_keep_packed_weights)
         reshapes = constant_reshape_shapes(model)
         onnxscript_rewriter.rewrite(model)  # its default, exact rules (reshape/cast chains…)
         for p in (
@@ -203,6 +203,16 @@ def constant_reshape_shapes(model: ir.Model) -> int:
         node.replace_input_with(1, value)
         changed += 1
     return changed
+
+
+def _keep_packed_weights(node: ir.Node) -> bool | None:
+    """Never fold the dequantization of an int8/uint8 weight: folding would write it back
+    to the file in float (or int4 unpacked), undoing weight-only compression."""
+    for v in node.inputs:
+        c = v.const_value if v is not None else None
+        if c is not None and c.dtype in (ir.DataType.INT8, ir.DataType.UINT8) and len(c.shape) >= 2:
+            return False
+    return None
 
 
 def _inferred_shapes(model: ir.Model) -> dict[str, list]:

@@ -1,6 +1,6 @@
 """Built-in passes; importing this package registers them."""
 
-from fxopt.passes import builtin_rules, cleanup, constants, fusion, rules  # noqa: F401
+from fxopt.passes import builtin_rules, cleanup, constants, fusion, quantize, rules  # noqa: F401
 from fxopt.passes.base import (
     REGISTRY,
     Pass,

@@ -58,6 +58,7 @@ class PassInfo:
     fn: Callable[..., PassResult]
     semantics: Semantics
     doc: str
+    tolerance: Any = None  # the pass's own verification tolerance, if not its class's
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -68,8 +69,9 @@ class PassInfo:
 REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, semantics: Semantics = Semantics.EXACT):
-    """Register ``fn(gm, ctx, **params) -> PassResult`` under ``name``.
+def register_pass(name: str, semantics: Semantics = Semantics.EXACT, tolerance: Any = None):
+    """Register ``fn(gm, ctx, **params) -> PassResult`` under ``name``; ``tolerance``
+    (a ``fxopt.verify.Tolerance``) replaces the semantics class's default for this pass.
 
     Example::
 
@@ -79,7 +81,7 @@ def register_pass(name: str, semantics: Semantics = Semantics.EXACT):
 
     def decorate(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        REGISTRY[name] = PassInfo(name, fn, Semantics(semantics), doc)
+        REGISTRY[name] = PassInfo(name, fn, Semantics(semantics), doc, tolerance)
         return fn
 
     return decorate

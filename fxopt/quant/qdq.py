@@ -1,0 +1,69 @@
+"""``fxopt::quantize_dequantize``: the frozen Q/DQ op, exportable by both ONNX exporters.
+
+torch 2.13's ``fake_quantize_per_*_affine`` ops have no fake-tensor kernels, so
+torch.export (and with it the dynamo ONNX exporter) cannot trace them. This custom op
+runs them in eager PyTorch, has a fake kernel for torch.export, and is written as ONNX
+``QuantizeLinear`` + ``DequantizeLinear`` by the dynamo exporter (a custom translation)
+and by the TorchScript exporter (a custom symbolic). The integer type follows the range:
+``qmin < 0`` is int8, else uint8.
+
+Example::
+
+    y = torch.ops.fxopt.quantize_dequantize(x, scale, zero_point, -1, 0, 255)
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+
+from fxopt.lowering.onnx_export import register_translation
+
+PER_TENSOR = -1
+
+
+@torch.library.custom_op("fxopt::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        axis: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize ``x`` to [qmin, qmax] and back (``axis`` = -1: one scale for the tensor).
+
+    >>> s, z = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    >>> torch.ops.fxopt.quantize_dequantize(torch.tensor([0.26]), s, z, -1, -128, 127)
+    tensor([0.3000])
+    """
+    if axis == PER_TENSOR:
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(
+        x, scale.float(), zero_point.to(torch.int32), axis, qmin, qmax)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, axis, qmin, qmax):
+    return torch.empty_like(x)
+
+
+def _onnx_qdq(x, scale, zero_point, axis: int, qmin: int, qmax: int):
+    to = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
+    zp = op.Cast(zero_point, to=to)
+    if axis == PER_TENSOR:
+        q = op.QuantizeLinear(x, scale, zp)
+        return op.DequantizeLinear(q, scale, zp)
+    q = op.QuantizeLinear(x, scale, zp, axis=axis)
+    return op.DequantizeLinear(q, scale, zp, axis=axis)
+
+
+def _torchscript_qdq(g, x, scale, zero_point, axis, qmin, qmax):
+    from torch.onnx import symbolic_helper as sh
+
+    axis, qmin = sh._get_const(axis, "i", "axis"), sh._get_const(qmin, "i", "qmin")
+    to = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
+    zp = g.op("Cast", zero_point, to_i=to)
+    extra = {} if axis == PER_TENSOR else {"axis_i": axis}
+    q = g.op("QuantizeLinear", x, scale, zp, **extra)
+    return g.op("DequantizeLinear", q, scale, zp, **extra)
+
+
+register_translation(torch.ops.fxopt.quantize_dequantize.default, _onnx_qdq)
+torch.onnx.register_custom_op_symbolic("fxopt::quantize_dequantize", _torchscript_qdq, 13)

@@ -1,0 +1,291 @@
+"""Static int8: Q/DQ (FakeQuantize) placement per target, calibration, freezing.
+
+``prepare(gm, target)`` inserts observing FakeQuantize nodes where the target runs int8:
+
+* ``ort`` — ONNX Runtime's QDQ format: the activation inputs and weights of
+  conv/linear/matmul, and the inputs and outputs of the ops ORT runs in int8 (add, cat,
+  pooling); an op's output is quantized after a following ReLU/ReLU6/clamp (ORT fuses
+  them). Activations uint8 asymmetric per tensor, weights int8 symmetric per channel.
+* ``tensorrt`` — TensorRT explicit quantization: Q/DQ on the activation inputs and weights
+  of conv/linear/matmul only (TensorRT fuses outputs itself), and on the residual input of
+  an add whose other input comes from a quantized conv, per NVIDIA's placement guidance.
+  Everything int8 symmetric (zero point 0), weights per channel on axis 0.
+
+Weights get their scales at once; activations after ``calibrate(gm, batches)`` and
+``freeze(gm)``.
+
+Example::
+
+    prepare(gm, "ort", observer="percentile")
+    calibrate(gm, batches)
+    freeze(gm)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.errors import QuantizationError
+from fxopt.ops import op_of
+from fxopt.quant.fake_quant import FakeQuantize
+from fxopt.quant.select import layer_name, matches
+
+_FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
+_WEIGHTED = {"conv", "linear"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a backend wants Q/DQ nodes and in which integer format."""
+
+    name: str
+    compute: frozenset[str]  # ops whose activation inputs (and weights) are quantized
+    shared: frozenset[str]  # ops run in int8 whose inputs and outputs are quantized
+    fused_after: frozenset[str]  # activations folded into the op before its output Q
+    activation_signed: bool
+    activation_symmetric: bool
+    quantize_outputs: bool
+    residual_inputs: bool
+
+
+TARGETS = {
+    "ort": Target("ort", frozenset({"conv", "linear", "matmul"}),
+                  frozenset({"add", "cat", "avg_pool", "adaptive_avg_pool", "max_pool",
+                             "adaptive_max_pool"}),
+                  frozenset({"relu", "relu6", "hardtanh", "clamp"}),
+                  activation_signed=False, activation_symmetric=False,
+                  quantize_outputs=True, residual_inputs=False),
+    "tensorrt": Target("tensorrt", frozenset({"conv", "linear", "matmul"}), frozenset(),
+                       frozenset(), activation_signed=True, activation_symmetric=True,
+                       quantize_outputs=False, residual_inputs=True),
+}
+
+
+def fake_quant_modules(gm: nn.Module) -> dict[str, FakeQuantize]:
+    """Every FakeQuantize submodule of ``gm`` by path."""
+    return {p: m for p, m in gm.named_modules() if isinstance(m, FakeQuantize)}
+
+
+def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax",
+            weight_observer: str = "minmax", per_channel: bool = True,
+            skip: Collection[str] = ()) -> dict[str, Any]:
+    """Insert observing FakeQuantize nodes for ``target``; weights are quantized at once.
+
+    Returns ``{"layers": [...], "skipped": [...], "activations": n, "weights": n}``.
+
+    >>> prepare(gm, "tensorrt", observer="entropy", skip=["fc"])  # doctest: +SKIP
+    """
+    if target not in TARGETS:
+        raise QuantizationError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    spec = TARGETS[target]
+    chosen, skipped = [], []
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        kind = op_of(node).kind
+        if kind not in spec.compute | spec.shared or not _is_float(node):
+            continue
+        if matches(node, skip):
+            skipped.append(layer_name(node))
+        else:
+            chosen.append(node)
+    if not chosen:
+        raise QuantizationError(
+            "nothing to quantize: no floating-point conv/linear/matmul"
+            + (f" outside skip={sorted(skip)}" if skip else "")
+            + " in this graph (an integer-only model, or everything skipped)")
+    weights = 0
+    values: dict[fx.Node, set[fx.Node] | None] = {}  # value -> consumers to rewire (None: all)
+    for i, node in enumerate(chosen):
+        kind = op_of(node).kind
+        if kind in _WEIGHTED:
+            node = chosen[i] = _functional(gm, node)
+            weights += _quantize_weight(gm, node, weight_observer, per_channel)
+        for a in _activation_inputs(node):
+            if values.get(a, set()) is not None:
+                values.setdefault(a, set()).add(node)
+        if spec.quantize_outputs:
+            out = _after_fused_activation(node, spec)
+            if not all(u.op == "output" for u in out.users):
+                values[out] = None
+    if spec.residual_inputs:
+        _residual_inputs(gm, chosen, values)
+    for value, users in values.items():
+        _insert_activation_fq(gm, value, users, spec, observer)
+    gm.graph.lint()
+    gm.recompile()
+    return {"layers": [layer_name(n) for n in chosen if op_of(n).kind in spec.compute],
+            "skipped": skipped, "activations": len(values), "weights": weights}
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable, *, progress: bool | Callable = True,
+              max_batches: int | None = None) -> int:
+    """Run ``batches`` (tensors, tuples, or ``(inputs..., labels)`` from a DataLoader)
+    through ``gm`` so its observers see real data; returns the number of batches used.
+
+    >>> fxopt.calibrate(gm, loader, max_batches=32)  # doctest: +SKIP
+    32
+    """
+    if batches is None:
+        raise QuantizationError(
+            "static quantization needs calibration data: pass calibration=batches to "
+            "fxopt.optimize (any iterable of input batches; a DataLoader works)")
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    observing = [m for m in fake_quant_modules(gm).values() if m.mode == "observe"]
+    if not observing:
+        raise QuantizationError("nothing to calibrate: no observing fake-quant node "
+                                "(run fxopt.quant.static.prepare first)")
+    report = progress if callable(progress) else (_print_progress if progress else None)
+    total = _length(batches, max_batches)
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            if max_batches is not None and count >= max_batches:
+                break
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            gm(*tuple(inputs)[:n_inputs])
+            count += 1
+            if report is not None:
+                report(f"calibrating: batch {count}" + (f"/{total}" if total else ""))
+    if report is _print_progress:
+        print(file=sys.stderr)
+    if count == 0:
+        raise QuantizationError("the calibration data was empty: pass at least one batch")
+    return count
+
+
+def freeze(gm: fx.GraphModule) -> int:
+    """Turn every observing/QAT FakeQuantize into a fixed quantize-dequantize; returns how
+    many were frozen. Raises QuantizationError naming any observer that saw no data."""
+    frozen = 0
+    for path, fq in fake_quant_modules(gm).items():
+        if fq.mode != "quantize" or fq.observer is not None:
+            fq.freeze(where=path)
+            frozen += 1
+    return frozen
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _is_float(node: fx.Node) -> bool:
+    dtype = node.meta.get("dtype")
+    return not isinstance(dtype, torch.dtype) or dtype.is_floating_point
+
+
+def _activation_inputs(node: fx.Node) -> list[fx.Node]:
+    view = op_of(node)
+    if view.kind in _WEIGHTED:
+        x = view.input
+        return [x] if isinstance(x, fx.Node) and _is_float(x) else []
+    params = {view.param_node(p) for p in ("weight", "bias")}
+    return [a for a in node.all_input_nodes
+            if a not in params and a.op != "get_attr" and _is_float(a)]
+
+
+def _after_fused_activation(node: fx.Node, spec: Target) -> fx.Node:
+    users = list(node.users)
+    if len(users) == 1 and op_of(users[0]).kind in spec.fused_after:
+        return users[0]
+    return node
+
+
+def _residual_inputs(gm: fx.GraphModule, chosen: list[fx.Node],
+                     values: dict[fx.Node, set[fx.Node] | None]) -> None:
+    quantized = {n for n in chosen if op_of(n).kind == "conv"}
+    for add in gm.graph.nodes:
+        if add.op == "output" or op_of(add).kind != "add" or len(add.all_input_nodes) != 2:
+            continue
+        a, b = add.all_input_nodes
+        for mine, other in ((a, b), (b, a)):
+            if other in quantized and mine not in quantized and _is_float(mine):
+                if values.get(mine, set()) is not None:
+                    values.setdefault(mine, set()).add(add)
+
+
+def _insert_activation_fq(gm: fx.GraphModule, value: fx.Node, users: set[fx.Node] | None,
+                          spec: Target, observer: str) -> None:
+    fq = FakeQuantize(bits=8, signed=spec.activation_signed,
+                      symmetric=spec.activation_symmetric, observer_kind=observer, mode="observe")
+    name = _fresh(gm, f"{value.name}_fq")
+    gm.add_submodule(name, fq)
+    with gm.graph.inserting_after(value):
+        fq_node = gm.graph.call_module(name, (value,))
+    fq_node.meta.update({k: v for k, v in value.meta.items()
+                         if k in ("shape", "dtype", "device", "fxopt_module_path")})
+    for user in list(value.users):
+        if user is not fq_node and (users is None or user in users):
+            user.replace_input_with(value, fq_node)
+
+
+def _functional(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """A conv/linear module call as F.conv*/F.linear on get_attr weights, so a weight
+    fake-quant node can sit between the weight and the op (and export as Q/DQ)."""
+    if node.op != "call_module":
+        return node
+    mod = gm.get_submodule(node.target)
+    fn = _FUNCTIONAL.get(type(mod))
+    if fn is None or getattr(mod, "padding_mode", "zeros") != "zeros":
+        return node
+    graph = gm.graph
+    with graph.inserting_before(node):
+        w = graph.get_attr(f"{node.target}.weight")
+        b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+        args: tuple = (node.args[0], w, b)
+        if fn is not F.linear:
+            args += (mod.stride, mod.padding, mod.dilation, mod.groups)
+        new = graph.call_function(fn, args)
+    new.meta.update(node.meta)
+    new.meta.setdefault("fxopt_module_path", str(node.target))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _quantize_weight(gm: fx.GraphModule, node: fx.Node, observer: str, per_channel: bool) -> int:
+    view = op_of(node)
+    w_node = view.param_node("weight")
+    weight = view.params.get("weight")
+    if w_node is None or weight is None or w_node.op != "get_attr":
+        return 0  # a computed weight: leave it in float
+    axis = 0 if per_channel else None
+    fq = FakeQuantize(bits=8, signed=True, symmetric=True, axis=axis,
+                      channels=weight.shape[0] if per_channel else 1,
+                      observer_kind=observer, mode="observe")
+    fq(weight.detach())
+    fq.freeze(where=f"the weight of {layer_name(node)}")
+    name = _fresh(gm, f"{node.name}_weight_fq")
+    gm.add_submodule(name, fq)
+    with gm.graph.inserting_before(node):
+        fq_node = gm.graph.call_module(name, (w_node,))
+    fq_node.meta.update({k: v for k, v in w_node.meta.items() if k in ("shape", "dtype")})
+    node.replace_input_with(w_node, fq_node)
+    return 1
+
+
+def _fresh(gm: nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _length(batches: Iterable, limit: int | None) -> int | None:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return limit
+    return min(n, limit) if limit is not None else n
+
+
+def _print_progress(msg: str) -> None:
+    print(f"\r  {msg}", end="", file=sys.stderr, flush=True)
