@@ -156,9 +156,19 @@ def _canonical(fn: Any) -> str:
     return "_" + name if name.startswith("operator.") else name
 
 
+# fxopt's own custom ops (torch.ops.fxopt.<name>) and the module that registers each: a
+# fixed allowlist, so a tampered graph.json cannot trigger any other import
+_FXOPT_OPS = {
+    "dynamic_int8_linear": "fxopt.quant.dynamic",
+    "quantize_dequantize": "fxopt.quant.qdq",
+}
+
+
 def _resolve_op(parts: list[str], where: str) -> Any:
     if any(p.startswith("__") for i, p in enumerate(parts) if i != 3):
         raise LoweringError(f"{where}: target {'.'.join(parts)!r} is not a plain operator name")
+    if len(parts) > 3 and parts[2] == "fxopt" and parts[3] in _FXOPT_OPS:
+        importlib.import_module(_FXOPT_OPS[parts[3]])
     obj: Any = torch.ops
     try:
         for p in parts[2:]:

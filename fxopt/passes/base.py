@@ -108,12 +108,15 @@ class Pass:
     """A registered pass with its arguments bound: ``Pass("prune", ratio=0.5)``.
 
     ``tolerance`` (a ``fxopt.verify.Tolerance``) overrides the semantics-class tolerance
-    for this pass alone.
+    for this pass alone; any other value goes to a pass that takes its own ``tolerance``
+    argument (``quantize(tolerance=0.999)``: an accuracy budget).
     """
 
     def __init__(self, name: str, *, tolerance: Any = None, **params: Any):
         self.info = lookup_pass(name)
         allowed = self.info.parameters
+        if tolerance is not None and not hasattr(tolerance, "rtol") and "tolerance" in allowed:
+            params["tolerance"], tolerance = tolerance, None
         unknown = [k for k in params if k not in allowed]
         if unknown:
             accepted = ", ".join(allowed) or "none"

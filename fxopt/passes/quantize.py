@@ -13,20 +13,26 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 import torch.fx as fx
 
 from fxopt.errors import QuantizationError
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
-from fxopt.verify import QUANTIZED
+from fxopt.verify import Tolerance
 
 SCHEMES = ("int8", "dynamic_int8", "int8_weight", "int4_weight")
 
 
-# int8 with clipping calibrators (percentile, entropy) moves the largest outputs by several
-# quantization steps: judge by direction (cosine) and a 10% bound on the worst element
-@register_pass("quantize", Semantics.APPROXIMATE, tolerance=QUANTIZED)
+# int8 with clipping calibrators (percentile, entropy) and group-wise int4 move the largest
+# outputs by several quantization steps: judge by direction (cosine >= 0.99) and a 25%
+# bound on the worst element, which still catches a wrong scale or a broken layer
+PASS_TOLERANCE = Tolerance(rtol=0.25, atol=1e-3, min_cosine=0.99)
+
+
+@register_pass("quantize", Semantics.APPROXIMATE, tolerance=PASS_TOLERANCE)
 def quantize(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -39,8 +45,15 @@ def quantize(
     skip: Any = (),
     group_size: int = 128,
     max_batches: int | None = None,
+    tolerance: float | None = None,
+    metric: Any = None,
+    probe_batches: int = 8,
 ) -> PassResult:
-    """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize)."""
+    """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize).
+
+    With ``tolerance`` (int8), the layers the sensitivity analysis ranks worst go back to
+    float until ``metric`` (output cosine vs float, or ``metric(reference, outputs)``)
+    reaches it on the example inputs and up to ``probe_batches`` calibration batches."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     skip = [skip] if isinstance(skip, str) else list(skip or ())
@@ -48,11 +61,18 @@ def quantize(
     if scheme == "int8":
         from fxopt.quant import static
 
+        data = ctx.calibration
+        if data is not None and iter(data) is data:  # a one-shot iterator: keep the batches
+            data = list(data)
+        reference_gm = copy.deepcopy(gm) if tolerance is not None else None
         stats = static.prepare(gm, target, observer=observer, weight_observer=weight_observer,
                                per_channel=per_channel, skip=skip)
         stats["calibration_batches"] = static.calibrate(
-            gm, ctx.calibration, max_batches=max_batches, progress=False)
+            gm, data, max_batches=max_batches, progress=False)
         static.freeze(gm)
+        if reference_gm is not None:
+            stats.update(_fall_back(gm, reference_gm, ctx, data, tolerance, metric,
+                                    probe_batches))
     elif scheme == "dynamic_int8":
         from fxopt.quant.dynamic import apply_dynamic_int8
 
@@ -66,6 +86,22 @@ def quantize(
     gm.meta.setdefault("fxopt", {})["quantized"] = {"scheme": scheme, "target": target}
     stats = {"scheme": scheme, "target": target, **stats}
     return PassResult(gm, modified=True, stats=stats)
+
+
+def _fall_back(gm, reference_gm, ctx, data, tolerance, metric, probe_batches) -> dict:
+    from fxopt.quant import sensitivity as sens
+
+    n_inputs = len(ctx.example_inputs)
+    batches = [tuple(ctx.example_inputs)]
+    for batch in itertools.islice(data, probe_batches):
+        batch = batch if isinstance(batch, (tuple, list)) else (batch,)
+        batches.append(tuple(batch)[:n_inputs])
+    reference = sens.run_batches(reference_gm, batches)
+    result = sens.fallback(gm, batches, reference, tolerance=float(tolerance),
+                           metric=metric or sens.output_cosine)
+    return {"kept_float": result["kept_float"],
+            "metric_before": result["metric_before"], "metric_after": result["metric_after"],
+            "sensitivity": [(name, float(f"{err:.3g}")) for name, err in result["ranking"][:10]]}
 
 
 def check_not_quantized(gm: fx.GraphModule) -> None:

@@ -23,7 +23,7 @@ from fxopt.errors import QuantizationError
 from fxopt.quant.observers import make_observer, observed, qrange
 from fxopt.quant.qdq import PER_TENSOR
 
-MODES = ("observe", "quantize", "qat")
+MODES = ("observe", "quantize", "qat", "off")  # "off": pass through (sensitivity probes)
 
 
 class FakeQuantize(nn.Module):
@@ -100,6 +100,8 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
         if self.mode == "observe":
             self.observer(x.detach())
             return x
