@@ -175,7 +175,7 @@ class PassManager:
             with torch.no_grad():
                 reference = gm(*inputs)
         original, current = reference, reference
-        ctx = PassContext(inputs, calibration)
+        ctx = PassContext(inputs, calibration, options={"progress": self.progress})
         report = Report()
         meta = gm.meta.setdefault("fxopt", {})
         meta.setdefault("pipeline", [])

@@ -107,3 +107,52 @@ def test_real_model_exports_to_onnx_and_verifies_in_onnx_runtime(name, tmp_path)
         with torch.no_grad():
             want_longer = torch.utils._pytree.tree_leaves(model(*longer))
         assert compare_outputs(want_longer, torch.utils._pytree.tree_leaves(art(*longer))).ok()
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_keeps_its_embeddings_with_dynamic_int8_in_onnx_runtime(tmp_path):
+    model, (ids, mask) = _minilm()
+    model.eval()
+    with torch.no_grad():
+        want = _pooled(model(ids, mask).last_hidden_state, mask)
+    res = fxopt.optimize(model, (ids, mask), "default,quantize(scheme=dynamic_int8)",
+                         mode="export")
+    art = fxopt.lower(res.module, "onnx", (ids, mask), path=tmp_path / "minilm-int8.onnx")
+    hidden = torch.utils._pytree.tree_leaves(art(ids, mask))[0]
+    got = _pooled(hidden, mask)
+    cos = torch.nn.functional.cosine_similarity(want, got, dim=-1)
+    assert cos.min().item() >= 0.99, cos
+
+
+@pytest.mark.slow
+def test_real_cnn_static_int8_runs_int8_kernels_in_onnx_runtime(tmp_path):
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    model, inputs = _hf_resnet()
+    model.eval()
+    with torch.no_grad():  # data-driven BN statistics (random ones give near-constant outputs)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64))
+        model.eval()
+        want = model(*inputs).pooler_output
+    calib = [(torch.randn(2, 3, 64, 64),) for _ in range(4)]
+    res = fxopt.optimize(model, inputs, "default,quantize(scheme=int8,target=ort)",
+                         calibration=calib)
+    art = fxopt.lower(res.module, "onnx", inputs, path=tmp_path / "resnet-int8.onnx")
+    got = torch.utils._pytree.tree_leaves(art(*inputs))
+    pooled = next(t for t in got if t.shape == want.shape)
+    assert torch.nn.functional.cosine_similarity(want.flatten(), pooled.flatten(), dim=0) > 0.99
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] >= 10, ops

@@ -68,7 +68,7 @@ def quantize(
         stats = static.prepare(gm, target, observer=observer, weight_observer=weight_observer,
                                per_channel=per_channel, skip=skip)
         stats["calibration_batches"] = static.calibrate(
-            gm, data, max_batches=max_batches, progress=False)
+            gm, data, max_batches=max_batches, progress=ctx.options.get("progress") or False)
         static.freeze(gm)
         if reference_gm is not None:
             stats.update(_fall_back(gm, reference_gm, ctx, data, tolerance, metric,
