@@ -152,8 +152,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     parse_pipeline(args.pipeline)  # a bad spec fails before any capture work
     model, inputs, name = load_spec(args.spec, args.input_shape)
     _progress(f"capturing {name} ({args.mode})")
+    from fxopt.verify import random_like_inputs
+
+    # the command line has no dataset: static int8 calibrates on random inputs shaped like
+    # the example (use the Python API with real batches for real accuracy)
+    calibration = [inputs] + [random_like_inputs(inputs, seed=i + 1)
+                              for i in range(max(args.calibration_batches - 1, 0))]
     res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,
-                         progress=_progress)
+                         progress=_progress, calibration=calibration)
     print(res.report)
     _progress(f"lowering to {args.target}")
     options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
@@ -286,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"),
                    help="ONNX exporter (onnx target; default auto)")
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
+    p.add_argument("--calibration-batches", type=int, default=8, metavar="N",
+                   help="static int8: calibrate on the example and N-1 random batches like it")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.set_defaults(fn=cmd_optimize)
 

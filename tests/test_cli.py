@@ -170,3 +170,12 @@ def test_check_trt_exit_codes(capsys, tmp_path):
                              for f in data["findings"])
     code, _, err = run(capsys, "check-trt", model, "--bound", "batch=1,4")
     assert code == 2 and "NAME=MIN,OPT,MAX" in err
+
+
+def test_optimize_static_int8_to_onnx(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "resnet", "--pipeline",
+                         "default,quantize(scheme=int8,target=ort)", "--target", "onnx",
+                         "-o", str(tmp_path / "q"), "--calibration-batches", "3")
+    assert code == 0, err
+    assert "calibrating: batch 3/3" in err
+    assert fxopt.load(tmp_path / "q").manifest["verified"]
