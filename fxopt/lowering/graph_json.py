@@ -161,6 +161,7 @@ def _canonical(fn: Any) -> str:
 _FXOPT_OPS = {
     "dynamic_int8_linear": "fxopt.quant.dynamic",
     "quantize_dequantize": "fxopt.quant.qdq",
+    "dequantize_int32": "fxopt.quant.qdq",
 }
 
 

@@ -70,6 +70,9 @@ def quantize(
         stats["calibration_batches"] = static.calibrate(
             gm, data, max_batches=max_batches, progress=ctx.options.get("progress") or False)
         static.freeze(gm)
+        if target == "ort":
+            stats["int32_biases"] = static.quantize_biases(gm)
+            stats["shared_pool_qparams"] = static.share_pooling_qparams(gm)
         if reference_gm is not None:
             stats.update(_fall_back(gm, reference_gm, ctx, data, tolerance, metric,
                                     probe_batches))

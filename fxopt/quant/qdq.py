@@ -67,3 +67,33 @@ def _torchscript_qdq(g, x, scale, zero_point, axis, qmin, qmax):
 
 register_translation(torch.ops.fxopt.quantize_dequantize.default, _onnx_qdq)
 torch.onnx.register_custom_op_symbolic("fxopt::quantize_dequantize", _torchscript_qdq, 13)
+
+
+@torch.library.custom_op("fxopt::dequantize_int32", mutates_args=())
+def dequantize_int32(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` for an int32 bias quantized with scale = input scale x weight scale,
+    as ONNX Runtime's QDQ format wants it (so ``DQ -> Gemm`` becomes ``QGemm``).
+
+    >>> torch.ops.fxopt.dequantize_int32(torch.tensor([3], dtype=torch.int32),
+    ...                                  torch.tensor([0.5]))
+    tensor([1.5000])
+    """
+    return q.float() * scale.float()
+
+
+@dequantize_int32.register_fake
+def _(q, scale):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _onnx_dequantize_int32(q, scale):  # no zero point: it defaults to 0
+    return op.DequantizeLinear(q, scale, axis=0)
+
+
+def _torchscript_dequantize_int32(g, q, scale):
+    return g.op("DequantizeLinear", q, scale, axis_i=0)
+
+
+register_translation(torch.ops.fxopt.dequantize_int32.default, _onnx_dequantize_int32)
+torch.onnx.register_custom_op_symbolic("fxopt::dequantize_int32",
+                                       _torchscript_dequantize_int32, 13)

@@ -35,6 +35,7 @@ from torch import nn
 
 from fxopt.errors import QuantizationError
 from fxopt.ops import op_of
+from fxopt.quant import qdq  # noqa: F401  (registers fxopt::dequantize_int32)
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.select import layer_name, matches
 
@@ -171,6 +172,75 @@ def freeze(gm: fx.GraphModule) -> int:
             fq.freeze(where=path)
             frozen += 1
     return frozen
+
+
+def quantize_biases(gm: fx.GraphModule) -> int:
+    """Store the bias of every conv/linear whose input and weight are quantized as int32
+    with scale = input scale x weight scale (ONNX Runtime's QDQ convention: it turns
+    ``DQ -> Gemm`` into ``QGemm``); returns how many. Call after ``freeze``.
+
+    >>> quantize_biases(gm)  # doctest: +SKIP
+    10
+    """
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "output" or op_of(node).kind not in _WEIGHTED:
+            continue
+        view = op_of(node)
+        x, w, b = view.input, view.param_node("weight"), view.param_node("bias")
+        fq_x, fq_w = _fq_module(gm, x), _fq_module(gm, w)
+        if fq_x is None or fq_w is None or b is None or b.op != "get_attr":
+            continue
+        if fq_x.axis is not None or fq_w.axis not in (None, 0):
+            continue
+        bias = view.params.get("bias")
+        if bias is None or bias.dim() != 1:
+            continue
+        scale = (fq_x.scale.reshape(()) * fq_w.scale).float().expand(bias.shape[0]).clone()
+        q = torch.round(bias.detach().float() / scale).clamp(-(2**31), 2**31 - 1)
+        name = _fresh(gm, f"{node.name}_bias")
+        gm.register_buffer(f"{name}_int32", q.to(torch.int32))
+        gm.register_buffer(f"{name}_scale", scale)
+        with gm.graph.inserting_before(node):
+            qn = gm.graph.get_attr(f"{name}_int32")
+            sn = gm.graph.get_attr(f"{name}_scale")
+            dq = gm.graph.call_function(torch.ops.fxopt.dequantize_int32.default, (qn, sn))
+        dq.meta.update({k: v for k, v in b.meta.items() if k in ("shape", "dtype")})
+        node.replace_input_with(b, dq)
+        if not b.users:
+            gm.graph.erase_node(b)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def share_pooling_qparams(gm: fx.GraphModule) -> int:
+    """Give the quantized output of a max pool its input's scale and zero point: ONNX
+    Runtime only runs a uint8 MaxPool when both sides match (values are a subset of the
+    input's, so the input's range is exact); returns how many."""
+    shared = 0
+    for node in gm.graph.nodes:
+        if node.op == "output" or op_of(node).kind not in ("max_pool", "adaptive_max_pool"):
+            continue
+        fq_in = _fq_module(gm, op_of(node).input)
+        outs = [u for u in node.users if _fq_module(gm, u) is not None]
+        if fq_in is None or fq_in.axis is not None:
+            continue
+        for u in outs:
+            fq_out = _fq_module(gm, u)
+            fq_out.scale.copy_(fq_in.scale.reshape(fq_out.scale.shape))
+            fq_out.zero_point.copy_(fq_in.zero_point.reshape(fq_out.zero_point.shape))
+            shared += 1
+    return shared
+
+
+def _fq_module(gm: fx.GraphModule, node: Any) -> FakeQuantize | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize) and mod.mode == "quantize":
+            return mod
+    return None
 
 
 # --------------------------------------------------------------------------- placement
