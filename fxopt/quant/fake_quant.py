@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -105,7 +107,8 @@ class FakeQuantize(nn.Module):
         if self.mode == "observe":
             self.observer(x.detach())
             return x
-        if self.mode == "qat" and not self.learnable:
+        if self.mode == "qat" and not self.learnable and self.training:
+            # observe only while training: evaluating mid-QAT must not move the scales
             self.observer(x.detach())
             scale, zp = self.observer.calculate_qparams()
             self._set_qparams(scale.to(x.device), zp.to(x.device))
@@ -123,11 +126,15 @@ class FakeQuantize(nn.Module):
 
     def _learnable(self, x: torch.Tensor) -> torch.Tensor:
         zp = self.zero_point.float()
+        # LSQ's gradient scale 1/sqrt(elements per scale * qmax): without it one SGD step
+        # at an ordinary learning rate can push a scale below zero
+        per_scale = x.numel() / max(self.scale.numel(), 1)
+        grad_factor = 1.0 / math.sqrt(max(per_scale * self.qmax, 1.0))
         if self.axis is not None:
             return torch._fake_quantize_learnable_per_channel_affine(
-                x, self.scale, zp, self.axis, self.qmin, self.qmax, 1.0)
+                x, self.scale, zp, self.axis, self.qmin, self.qmax, grad_factor)
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.scale.reshape(1), zp.reshape(1), self.qmin, self.qmax, 1.0)
+            x, self.scale.reshape(1), zp.reshape(1), self.qmin, self.qmax, grad_factor)
 
     def extra_repr(self) -> str:
         kind = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
