@@ -10,7 +10,7 @@ Example::
     fxopt.load("out/model")(x)
 """
 
-from fxopt import inspect, ops
+from fxopt import inspect, ops, quant
 from fxopt.capture import capture
 from fxopt.errors import (
     CaptureError,
@@ -79,6 +79,7 @@ __all__ = [
     "load",
     "lower",
     "ops",
+    "quant",
     "optimize",
     "parse_pipeline",
     "register_pass",

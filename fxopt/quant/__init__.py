@@ -6,3 +6,14 @@ Example::
     res = fxopt.optimize(model, inputs, "default,quantize(scheme=int8,target=ort)",
                          calibration=batches)
 """
+
+import importlib
+
+_SUBMODULES = ("dynamic", "fake_quant", "observers", "qat", "qdq", "select", "sensitivity",
+               "static", "weight_only")
+
+
+def __getattr__(name: str):  # fxopt.quant.qat etc. without importing ONNX at `import fxopt`
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fxopt.quant.{name}")
+    raise AttributeError(f"module 'fxopt.quant' has no attribute {name!r}")
