@@ -90,9 +90,9 @@ from fxopt.verify import QUANTIZED, Tolerance, compare_outputs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_file import write_section  # noqa: E402
 
-MODELS = ("resnet50", "mobilenet", "resnet")
+MODELS = ("resnet50", "hf-resnet50", "mobilenet", "resnet")
 QUICK_MODELS = ("mobilenet", "resnet")
-KNOWN = tuple(zoo.names(include_heavy=True))
+KNOWN = (*zoo.names(include_heavy=True), "hf-resnet50")
 ROW_MARK = "quant-latency-row-json: "
 TORCH_THREADS = 1
 TIMED = ("fp32", "ortq", "fxopt")
@@ -291,13 +291,36 @@ def _warm_up(tmp: Path) -> None:
     _fxopt_quantize(model, inputs, batches, tmp / "warm-fxopt.onnx")
 
 
+def _build_model(name: str):
+    """A zoo model, or a real architecture nobody here wrote (``hf-resnet50``: Hugging Face
+    ResNet-50 from its default config, BN statistics data-driven, as in latency.py)."""
+    if name.startswith("hf-"):
+        from latency import MODELS as REAL  # noqa: PLC0415 - benchmarks/latency.py
+
+        model, inputs = REAL[name]()
+        return _PooledOutput(model).eval(), inputs
+    return zoo.load(name)
+
+
+class _PooledOutput(torch.nn.Module):
+    """A Hugging Face backbone returning its pooled features as one tensor (the timing and
+    the error columns compare plain tensors)."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x).pooler_output.flatten(1)
+
+
 # --------------------------------------------------------------------------- one model
 def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
                n_held: int, clip: str | None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="fxopt-quant-bench-") as d:
         tmp = Path(d)
         _warm_up(tmp)
-        model, inputs = zoo.load(name)
+        model, inputs = _build_model(name)
         model.eval()
         calib = _images_like(inputs, n_calib, CALIB_SEED)
         held = [tuple(inputs)] + _images_like(inputs, n_held - 1, HELD_OUT_SEED)

@@ -87,6 +87,7 @@ def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax"
     if target not in TARGETS:
         raise QuantizationError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     spec = TARGETS[target]
+    _functional_adds(gm)
     chosen, skipped = [], []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
@@ -294,6 +295,30 @@ def _insert_activation_fq(gm: fx.GraphModule, value: fx.Node, users: set[fx.Node
     for user in list(value.users):
         if user is not fq_node and (users is None or user in users):
             user.replace_input_with(value, fq_node)
+
+
+_INPLACE_TO_FUNCTIONAL = {
+    torch.ops.aten.add_.Tensor: torch.ops.aten.add.Tensor,
+    torch.ops.aten.mul_.Tensor: torch.ops.aten.mul.Tensor,
+}
+
+
+def _functional_adds(gm: fx.GraphModule) -> None:
+    """``aten.add_(a, b)`` (a residual ``h += x`` in an export capture) as ``aten.add``, with
+    later readers of ``a`` reading the result, so Q/DQ can sit on its inputs. Left alone
+    when ``a`` is a graph input or a weight, whose mutation is visible outside."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        functional = _INPLACE_TO_FUNCTIONAL.get(node.target) if node.op == "call_function" else None
+        a = node.args[0] if node.args else None
+        if functional is None or not isinstance(a, fx.Node) or a.op in ("placeholder", "get_attr"):
+            continue
+        for user in list(a.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(a, node)
+        node.target = functional
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _functional(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
