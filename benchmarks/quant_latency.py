@@ -590,8 +590,9 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, timing: di
         "*worst*: the lowest per-batch cosine; *max abs err* with *max abs fp32* for scale; "
         "*top-1*: argmax agreement over the last dimension. Rows marked (torch): fxopt's "
         "fake-quant GraphModule run in torch, i.e. what fxopt simulated. *pass tol*: whether "
-        "the quantize pass's own tolerance (`fxopt.verify.QUANTIZED`: max abs <= 1e-3 + 0.1 "
-        "max |ref|, cosine >= 0.99, vs the float model on the example inputs) holds (this "
+        "the quantize pass's own tolerance (`fxopt.verify.QUANTIZED`: max abs <= "
+        f"{QUANTIZED.atol:g} + {QUANTIZED.rtol:g} max |ref|, cosine >= {QUANTIZED.min_cosine}, "
+        "vs the float model on the example inputs) holds (this "
         "benchmark runs the pass with a loose tolerance so that it never refuses); "
         "*ORT vs torch*: the largest relative error `fxopt.lower` saw between ONNX Runtime "
         "on the file and the fake-quant GraphModule.",

@@ -21,18 +21,12 @@ import torch.fx as fx
 
 from fxopt.errors import QuantizationError
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
-from fxopt.verify import Tolerance
+from fxopt.verify import QUANTIZED
 
 SCHEMES = ("int8", "dynamic_int8", "int8_weight", "int4_weight")
 
 
-# int8 with clipping calibrators (percentile, entropy) and group-wise int4 move the largest
-# outputs by several quantization steps: judge by direction (cosine >= 0.99) and a 25%
-# bound on the worst element, which still catches a wrong scale or a broken layer
-PASS_TOLERANCE = Tolerance(rtol=0.25, atol=1e-3, min_cosine=0.99)
-
-
-@register_pass("quantize", Semantics.APPROXIMATE, tolerance=PASS_TOLERANCE)
+@register_pass("quantize", Semantics.APPROXIMATE, tolerance=QUANTIZED)
 def quantize(
     gm: fx.GraphModule,
     ctx: PassContext,
