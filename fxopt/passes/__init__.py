@@ -1,6 +1,14 @@
 """Built-in passes; importing this package registers them."""
 
-from fxopt.passes import builtin_rules, cleanup, constants, fusion, quantize, rules  # noqa: F401
+from fxopt.passes import (  # noqa: F401
+    builtin_rules,
+    cleanup,
+    constants,
+    fusion,
+    half,
+    quantize,
+    rules,
+)
 from fxopt.passes.base import (
     REGISTRY,
     Pass,

@@ -1,0 +1,260 @@
+"""The ``half`` pass: fp16 / bf16 graphs with fp32 islands, on the zoo and on purpose-built
+models (overflow, keep_fp32, ONNX and eager artifacts)."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fxopt
+import fxopt.passes.half  # noqa: F401 - registers the pass
+from fxopt import zoo
+from fxopt.errors import SpecError
+from fxopt.ops import kind_of
+from fxopt.passes.base import Pass, PassContext
+from fxopt.verify import Tolerance, compare_outputs
+
+TOLERANCES = {
+    "fp16": Tolerance(rtol=1e-2, atol=1e-3, min_cosine=0.999),
+    "bf16": Tolerance(rtol=3e-2, atol=1e-3, min_cosine=0.99),
+}
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_TOLERANCE = Tolerance(rtol=1e-2, atol=1e-3, min_cosine=0.999)
+
+
+def _optimize(zoo_case, name: str, spec: str, mode: str = "auto", **kw):
+    model, inputs, gm = zoo_case(name, mode)
+    res = fxopt.optimize(gm, inputs, spec, **kw)
+    return model, inputs, res
+
+
+def _half_stats(res) -> dict:
+    return next(r.stats for r in res.report if r.name == "half")
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "to"
+
+
+def _param_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
+    return {t.dtype for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_half(zoo_case, name, dtype):
+    model, inputs, res = _optimize(zoo_case, name, f"default,half(dtype={dtype})")
+    gm = res.module
+    gm.graph.lint()
+    with torch.no_grad():
+        want, got = model(*inputs), gm(*inputs)
+    assert got.dtype == torch.float32  # keep_io_types
+    assert torch.isfinite(got).all()
+    report = compare_outputs(want, got)
+    assert report.ok(TOLERANCES[dtype]), (report.rel, report.cosine)
+
+    stats = _half_stats(res)
+    assert stats["dtype"] == dtype and stats["half_nodes"] > 0
+    # weights of conv/linear/embedding dominate every zoo model: bytes roughly halve
+    assert stats["bytes_after"] <= 0.55 * stats["bytes_before"]
+    assert HALF_DTYPES[dtype] in _param_dtypes(gm)
+    kinds = {kind_of(n) for n in gm.graph.nodes}
+    assert "to" in kinds
+
+    # no redundant casts: never a cast of a cast, never a cast to the dtype a value has
+    for node in gm.graph.nodes:
+        if _is_cast(node):
+            src = node.args[0]
+            assert not _is_cast(src), f"{src.name} -> {node.name}"
+            assert src.meta["dtype"] != node.args[1], node.name
+
+
+@pytest.mark.parametrize("name", ["transformer", "gqa", "densenet"])
+def test_islands_run_in_fp32(zoo_case, name):
+    _, _, res = _optimize(zoo_case, name, "default,half(dtype=fp16)")
+    gm, stats = res.module, _half_stats(res)
+    islands = [
+        n
+        for n in gm.graph.nodes
+        if kind_of(n) in ("layer_norm", "batch_norm", "mean", "pow", "softmax")
+    ]
+    assert islands
+    for node in islands:
+        assert node.name in stats["fp32_nodes"]
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        assert all(a.meta["dtype"] == torch.float32 for a in inputs), node.name
+        assert node.meta["dtype"] == torch.float32
+    # one island per norm: the fp32 ops of gqa's RMSNorm (pow, mean, add, rsqrt, mul) share
+    # one cast in, the residual stream's float32 copy
+    if name == "gqa":
+        norm_ops = {"pow", "mean", "add", "rsqrt", "mul"}
+        fp32 = [n for n in gm.graph.nodes if n.name in stats["fp32_nodes"]]
+        assert {kind_of(n) for n in fp32} <= norm_ops
+        for node in fp32:
+            for a in node.all_input_nodes:
+                assert not (_is_cast(a) and a.args[1] != torch.float32)
+
+
+def test_policy_none_keeps_nothing_in_fp32(zoo_case):
+    _, _, res = _optimize(zoo_case, "transformer", "default,half(dtype=fp16,policy=none)")
+    stats = _half_stats(res)
+    assert stats["fp32_nodes"] == []
+    assert torch.float32 not in _param_dtypes(res.module)
+
+
+def test_export_capture(zoo_case):
+    model, inputs, res = _optimize(zoo_case, "resnet", "default,half(dtype=fp16)", mode="export")
+    gm = res.module
+    gm.graph.lint()
+    assert res.capture["frontend"] == "export"
+    assert _param_dtypes(gm) == {torch.float16}
+    with torch.no_grad():
+        assert compare_outputs(model(*inputs), gm(*inputs)).ok(TOLERANCES["fp16"])
+
+
+def test_keep_fp32_by_kind_and_module_path(zoo_case):
+    _, inputs, res = _optimize(zoo_case, "mlp", "default,half(dtype=fp16,keep_fp32=[gelu])")
+    stats = _half_stats(res)
+    assert stats["fp32_nodes"] == ["net_4"]  # the GELU; the linear after it is half again
+    gm = res.module
+    assert gm.get_submodule("net_6").weight.dtype == torch.float16
+
+    _, _, res = _optimize(zoo_case, "mlp", "default,half(dtype=fp16,keep_fp32=['net.3'])")
+    gm, stats = res.module, _half_stats(res)
+    assert "net_3" in stats["fp32_nodes"]
+    assert gm.get_submodule("net_3").weight.dtype == torch.float32
+    assert gm.get_submodule("net_0").weight.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.isfinite(gm(*inputs)).all()
+
+
+def test_keep_io_types_false_takes_and_returns_half(zoo_model):
+    model, inputs = zoo_model("mlp")
+    gm = fxopt.capture(model, inputs)
+    res = Pass("half", keep_io_types=False)(gm, PassContext(inputs))
+    gm = res.gm
+    gm.graph.lint()
+    out = gm(inputs[0].half())
+    assert out.dtype == torch.float16
+    assert res.stats["casts"] == 0
+
+
+class _Overflow(nn.Module):
+    """A linear whose outputs reach ~1e5 (over fp16's 65504), then a LayerNorm and a
+    division that bring them back to a sane range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(16, 32)
+        with torch.no_grad():
+            self.big.weight.mul_(1e5)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.big(x)
+        return self.head(self.norm(h)) + self.head(h / 1e5)
+
+
+def test_overflow_needs_calibration():
+    model = _Overflow().eval()
+    inputs = (torch.randn(4, 16),)
+    with torch.no_grad():
+        want = model(*inputs)
+        assert model.big(*inputs).abs().max() > 65504
+
+    gm = fxopt.capture(copy.deepcopy(model), inputs)
+    res = Pass("half", policy="none")(gm, PassContext(inputs))
+    with torch.no_grad():
+        assert not torch.isfinite(res.gm(*inputs)).all()
+
+    batches = [(torch.randn(4, 16),) for _ in range(4)]
+    res = fxopt.optimize(
+        copy.deepcopy(model), inputs, "half(dtype=fp16,policy=none)", calibration=batches
+    )
+    stats = _half_stats(res)
+    flagged = dict(stats["overflow_fp32"])
+    assert "big" in flagged and flagged["big"] > 65504 / 4
+    assert "big" in stats["fp32_nodes"]
+    assert res.module.get_submodule("big").weight.dtype == torch.float32
+    assert res.module.get_submodule("head").weight.dtype == torch.float16
+    with torch.no_grad():
+        got = res.module(*inputs)
+    assert torch.isfinite(got).all()
+    assert compare_outputs(want, got).ok(TOLERANCES["fp16"])
+
+
+def test_calibration_within_range_flags_nothing(zoo_case):
+    model, inputs, gm = zoo_case("mlp", "auto")
+    batches = [inputs, inputs]
+    res = fxopt.optimize(gm, inputs, "half(dtype=fp16)", calibration=batches)
+    assert _half_stats(res)["overflow_fp32"] == []
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_onnx_export_is_fp16(zoo_case, tmp_path, name):
+    _, inputs, res = _optimize(zoo_case, name, "default,half(dtype=fp16)")
+    path = tmp_path / "model.onnx"
+    art = fxopt.lower(res.module, "onnx", inputs, path=path, tolerance=ONNX_TOLERANCE)
+    with torch.no_grad():
+        want = res.module(*inputs)
+    assert compare_outputs(want, art(*inputs)).ok(ONNX_TOLERANCE)
+    proto = onnx.load(str(path))
+    weights = [i for i in proto.graph.initializer if len(i.dims) >= 2]
+    assert weights
+    # every weight matrix / kernel is FLOAT16; only 1-D norm parameters may stay FLOAT
+    assert {i.data_type for i in weights} <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in weights}
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_eager_round_trip(zoo_case, tmp_path, name):
+    _, inputs, res = _optimize(zoo_case, name, "default,half(dtype=bf16)")
+    fxopt.lower(res.module, "eager", inputs, path=tmp_path / "eager")
+    loaded = fxopt.load(tmp_path / "eager")
+    # no_grad on both sides: nn.MultiheadAttention takes its fused path only without grad
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), res.module(*inputs))
+
+
+def test_unchanged_cases(zoo_case):
+    class IntOnly(nn.Module):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return ids * 2 + 1
+
+    ids = (torch.arange(6).reshape(2, 3),)
+    gm = fxopt.capture(IntOnly(), ids)
+    res = Pass("half")(gm, PassContext(ids))
+    assert res.modified is False and res.stats["casts"] == 0
+
+    _, inputs, first = _optimize(zoo_case, "mlp", "half(dtype=fp16)")
+    again = Pass("half")(first.module, PassContext(inputs))
+    assert again.modified is False
+    with pytest.raises(SpecError, match="already runs in fp16"):
+        Pass("half", dtype="bf16")(first.module, PassContext(inputs))
+
+
+def test_bad_arguments(zoo_case):
+    _, inputs, gm = zoo_case("mlp", "auto")
+    with pytest.raises(SpecError, match="fp16 or bf16"):
+        Pass("half", dtype="fp8")(gm, PassContext(inputs))
+    with pytest.raises(SpecError, match="policy"):
+        Pass("half", policy="aggressive")(gm, PassContext(inputs))
+
+
+def test_plain_symbolic_trace_without_meta():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)).eval()
+    x = (torch.randn(3, 8),)
+    with torch.no_grad():
+        want = model(*x)
+    gm = fx.symbolic_trace(model)  # no fxopt capture: no shape/dtype metadata yet
+    res = Pass("half")(gm, PassContext(x))  # converts the (shared) submodules in place
+    res.gm.graph.lint()
+    assert res.stats["fp32_nodes"] == ["_1"]  # the LayerNorm
+    with torch.no_grad():
+        assert compare_outputs(want, res.gm(*x)).ok(TOLERANCES["fp16"])
