@@ -156,3 +156,35 @@ def test_real_cnn_static_int8_runs_int8_kernels_in_onnx_runtime(tmp_path):
     ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] >= 10, ops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf-resnet", "minilm-pretrained"])
+def test_real_models_cast_to_fp16_run_in_onnx_runtime(name, tmp_path):
+    import onnx
+
+    from fxopt.verify import Tolerance
+
+    model, inputs = CASES[name]()
+    model.eval()
+    if name == "hf-resnet":  # data-driven BN statistics (random ones make outputs noise)
+        with torch.no_grad():
+            model.train()
+            for _ in range(3):
+                model(torch.randn(8, 3, 64, 64))
+            model.eval()
+    with torch.no_grad():
+        want = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if t is not None]
+    res = fxopt.optimize(model, inputs, "default,half(dtype=fp16)")
+    art = fxopt.lower(res.module, "onnx", inputs, path=tmp_path / f"{name}-fp16.onnx",
+                      tolerance=Tolerance(rtol=1e-2, atol=1e-3, min_cosine=0.999))
+    got = torch.utils._pytree.tree_leaves(art(*inputs))
+    report = compare_outputs(want, got, Tolerance(rtol=1e-2, atol=1e-3, min_cosine=0.999))
+    assert report.ok(), (report.max_abs, report.rel, report.cosine)
+    proto = onnx.load(str(art.path))
+    sizes = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for init in proto.graph.initializer:
+        if init.data_type in sizes:
+            sizes[init.data_type] += len(init.raw_data)
+    assert sizes[onnx.TensorProto.FLOAT16] > 0.95 * sum(sizes.values()), sizes
+    assert not fxopt.check_trt(art.path, dim_bounds={"batch": (1, 2, 8)}).blockers
