@@ -69,6 +69,14 @@ from fxopt.errors import CaptureError
 from fxopt.lowering.onnx_export import quiet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_support import (  # noqa: E402
+    cell,
+    load_average,
+    machine,
+    ort_feeds,
+    ort_options,
+    ort_session,
+)
 from results_file import write_section  # noqa: E402
 
 LATENCY_MODELS = ("resnet", "mobilenet", "densenet", "shufflenet", "decoder", "dynamic",
@@ -82,27 +90,6 @@ TORCH_THREADS = 1
 
 
 # --------------------------------------------------------------------------- helpers
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
-
-
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 _ORT_BOILERPLATE = re.compile(
     r"\[ONNXRuntimeError\] : \d+ : \w+ : Non-zero status code returned while running ")
 _HINT = re.compile(r" \(the exporter fixed a dynamic dimension[^)]*\)")
@@ -212,7 +199,7 @@ def export_section(rows: list[dict], args: argparse.Namespace, command: str,
         "",
         f"`{command}`{' (smoke test)' if args.quick else ''} — torch {torch.__version__}, "
         f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
-        f"onnxscript {_version('onnxscript')}, {_machine()}, torch on {torch.get_num_threads()} "
+        f"onnxscript {_version('onnxscript')}, {machine()}, torch on {torch.get_num_threads()} "
         f"thread(s), Python {platform.python_version()}; 1-min load average {load[0]:.2f} "
         f"before, {load[1]:.2f} after; {seconds:.0f} s for this table.",
         "",
@@ -243,7 +230,7 @@ def export_section(rows: list[dict], args: argparse.Namespace, command: str,
         else:
             lower_s = f"{r['lower_s']:.2f}" if "lower_s" in r else ""
             lines.append(f"| {r['model']} | {r['mode']} | {r['exporter']} "
-                         f"| failed: {_cell(r['reason'])} | | | {lower_s} | |")
+                         f"| failed: {cell(r['reason'])} | | | {lower_s} | |")
     failed = [r for r in rows if not r["ok"]]
     if failed:
         by_kind: dict[str, list[str]] = {}
@@ -264,39 +251,17 @@ def _version(dist: str) -> str:
 
 
 # --------------------------------------------------------------------------- latency
-def _options(threads: int, optimized_path: Path | None = None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
-    return opts
-
-
-def _session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_nodes(path: Path, tmp: Path, threads: int) -> int | None:
     """Node count of the graph ONNX Runtime runs (ORT_ENABLE_ALL) for ``path``."""
     out = tmp / f"{path.stem}.ort-optimized.onnx"
     try:
-        _session(path, _options(threads, out))
+        ort_session(path, ort_options(threads, out))
         return _nodes(out)
     except Exception:
         return None
     finally:
         for f in (out, Path(f"{out}.data")):
             f.unlink(missing_ok=True)
-
-
-def _feeds(session: ort.InferenceSession, inputs: tuple) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise RuntimeError(f"the file takes {len(names)} inputs, the model {len(inputs)}")
-    return {n: x.detach().contiguous().numpy() for n, x in zip(names, inputs)}
 
 
 def latency_rows(name: str, timing: dict, thread_counts: list[int]) -> list[dict]:
@@ -346,9 +311,9 @@ def latency_rows(name: str, timing: dict, thread_counts: list[int]) -> list[dict
             rows.append(row)
             if "plain_error" in base or "fx_error" in base:
                 continue
-            opts = _options(n)  # one SessionOptions object for both sessions
-            plain, fx = _session(plain_path, opts), _session(fx_path, opts)
-            pf, ff = _feeds(plain, inputs), _feeds(fx, inputs)
+            opts = ort_options(n)  # one SessionOptions object for both sessions
+            plain, fx = ort_session(plain_path, opts), ort_session(fx_path, opts)
+            pf, ff = ort_feeds(plain, inputs), ort_feeds(fx, inputs)
             outs_p, outs_f = plain.run(None, pf), fx.run(None, ff)
             if len(outs_p) != len(outs_f) or any(
                     a.shape != b.shape for a, b in zip(outs_p, outs_f)):
@@ -487,7 +452,7 @@ def latency_section(rows: list[dict], args: argparse.Namespace, command: str,
         "",
         f"`{command}`{' (smoke test: numbers meaningless)' if args.quick else ''} — "
         f"torch {torch.__version__}, onnxruntime {ort.__version__} (CPU provider), "
-        f"{_machine()}, Python {platform.python_version()}; 1-min load average "
+        f"{machine()}, Python {platform.python_version()}; 1-min load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after; {seconds:.0f} s for this table "
         f"({'each model in a fresh process' if isolated else 'all models in one process'}"
         f"; torch itself, which only exports and verifies here, on {TORCH_THREADS} "
@@ -528,7 +493,7 @@ def latency_section(rows: list[dict], args: argparse.Namespace, command: str,
                    f"{r['lower_s']:.2f})" + ("" if r["fx_exporter"] == "dynamo"
                                               else f", {r['fx_exporter']}")
         if "speedup" not in r:
-            why = _cell(r.get("plain_error") or r.get("fx_error") or "?")
+            why = cell(r.get("plain_error") or r.get("fx_error") or "?")
             lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {plain_s} "
                          f"| {fx_s} | not timed: {why} | | | | | {_fmt_nodes(r, 'nodes')} "
                          f"| {_fmt_nodes(r, 'ort_nodes')} | {_fmt_nodes(r, 'batch')} "
@@ -613,12 +578,12 @@ def main(argv: list[str] | None = None) -> None:
     if "export" in sections:
         export_names = [n for n in names if n in zoo.names(include_heavy=args.heavy)]
         if export_names:
-            load_before, start = _load(), time.perf_counter()
+            load_before, start = load_average(), time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="fxopt-onnx-export-") as d:
                 _warm_up(Path(d))
                 rows = export_rows(export_names, Path(d))
             text = export_section(rows, args, command, time.perf_counter() - start,
-                                  (load_before, _load()))
+                                  (load_before, load_average()))
             if not args.no_write:
                 write_section("onnx-export", text)
             texts.append(text)
@@ -626,14 +591,14 @@ def main(argv: list[str] | None = None) -> None:
         latency_names = [n for n in names if n in LATENCY_MODELS]
         if latency_names:
             isolate = len(latency_names) > 1 and not args.in_process
-            load_before, start = _load(), time.perf_counter()
+            load_before, start = load_average(), time.perf_counter()
             rows = []
             for name in latency_names:
                 rows += (latency_isolated(name, args) if isolate
                          else latency_rows(name, timing, thread_counts))
             rows.sort(key=lambda r: (r["threads"], latency_names.index(r["model"])))
             text = latency_section(rows, args, command, timing, time.perf_counter() - start,
-                                   (load_before, _load()), isolate)
+                                   (load_before, load_average()), isolate)
             if not args.no_write:
                 write_section("onnx-latency", text)
             texts.append(text)

@@ -101,6 +101,14 @@ from fxopt.quant.dynamic import apply_dynamic_int8
 from fxopt.verify import Tolerance, random_like_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_support import (  # noqa: E402
+    load_average,
+    machine,
+    ort_feeds,
+    ort_options,
+    ort_session,
+    short_error,
+)
 from results_file import write_section  # noqa: E402
 
 MODELS = ("transformer", "gqa", "minilm")
@@ -165,26 +173,6 @@ SELECT_SENTENCES = (
 
 
 # --------------------------------------------------------------------------- helpers
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
-
-
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def _short(e: BaseException, limit: int = 240) -> str:
-    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
 def _first(out) -> torch.Tensor:
     """The first output: ``last_hidden_state`` of a Hugging Face model, else output 0."""
     if hasattr(out, "last_hidden_state"):
@@ -329,7 +317,7 @@ def _quantize(float_gm, inputs: tuple, skip: list[str], notes: list[str], label:
     try:
         res = run(None)
     except PassError as e:
-        notes.append(f"{label}: fxopt's quantize check refused ({_short(e, 260)}); redone "
+        notes.append(f"{label}: fxopt's quantize check refused ({short_error(e, 260)}); redone "
                      f"with rtol={LOOSE_PASS.rtol:g}, min cosine {LOOSE_PASS.min_cosine:g}")
         res = run({"quantize": LOOSE_PASS})
         return res.module, res.report.to_dict()[-1]["stats"], False
@@ -357,7 +345,7 @@ def _lower(gm, inputs: tuple, path: Path, notes: list[str], label: str, **kw) ->
         fxopt.lower(gm, "onnx", inputs, path=path, exporter="dynamo", **kw)
         return True
     except LoweringError as e:
-        notes.append(f"{label}: fxopt.lower's ONNX Runtime check refused ({_short(e, 260)}); "
+        notes.append(f"{label}: fxopt.lower's ONNX Runtime check refused ({short_error(e, 260)}); "
                      f"redone with rtol={LOOSE_LOWER.rtol:g}, min cosine "
                      f"{LOOSE_LOWER.min_cosine:g}")
         fxopt.lower(gm, "onnx", inputs, path=path, exporter="dynamo", tolerance=LOOSE_LOWER,
@@ -434,29 +422,9 @@ def _int8_gathers(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- measuring
-def _options(threads: int, optimized: Path | None = None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return opts
-
-
-def _session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session: ort.InferenceSession, batch: tuple) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    return {n: x.contiguous().numpy() for n, x in zip(names, batch)}
-
-
 def _ort_ops(path: Path, tmp: Path, threads: int) -> dict[str, int]:
     out = tmp / f"{path.stem}.ort-optimized.onnx"
-    _session(path, _options(threads, out))
+    ort_session(path, ort_options(threads, out))
     ops = Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
     return dict(ops, _nodes=sum(ops.values()))
 
@@ -471,11 +439,11 @@ def _profile(files: dict[str, Path], threads: int, batch: tuple, runs: int,
     slower, unevenly)."""
     sessions, feeds = {}, {}
     for key, path in files.items():
-        opts = _options(threads)
+        opts = ort_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(tmp / f"profile-{key}")
-        sessions[key] = _session(path, opts)
-        feeds[key] = _feeds(sessions[key], batch)
+        sessions[key] = ort_session(path, opts)
+        feeds[key] = ort_feeds(sessions[key], batch)
     keys, block = list(files), max(1, runs // 5)
     for i in range(5):
         for key in keys if i % 2 == 0 else keys[::-1]:
@@ -508,12 +476,12 @@ def measure(name: str, timing: dict, thread_counts: list[int]) -> list[dict]:
         tmp = Path(d)
         files = build_files(case, tmp, info)
         refs = _reference(case, case.eval_batches)
-        opts = _options(thread_counts[0])
+        opts = ort_options(thread_counts[0])
         variants: dict[str, dict] = {}
         for key, path in files.items():
-            s = _session(path, opts)
+            s = ort_session(path, opts)
             cos = [c for b, r in zip(case.eval_batches, refs)
-                   for c in case.items(r, _first(s.run(None, _feeds(s, b))), b)]
+                   for c in case.items(r, _first(s.run(None, ort_feeds(s, b))), b)]
             info["n_items"] = len(cos)
             ops = _ort_ops(path, tmp, thread_counts[0])
             variants[key] = {"cos_mean": statistics.fmean(cos), "cos_min": min(cos),
@@ -521,9 +489,9 @@ def measure(name: str, timing: dict, thread_counts: list[int]) -> list[dict]:
         info["setup_s"] = time.perf_counter() - start
         rows = []
         for n in thread_counts:
-            opts = _options(n)  # one SessionOptions object for every file
-            sessions = {k: _session(p, opts) for k, p in files.items()}
-            feeds = {k: _feeds(s, case.inputs) for k, s in sessions.items()}
+            opts = ort_options(n)  # one SessionOptions object for every file
+            sessions = {k: ort_session(p, opts) for k, p in files.items()}
+            feeds = {k: ort_feeds(s, case.inputs) for k, s in sessions.items()}
             cmp = compare_latency(
                 {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()},
                 (), **timing)
@@ -748,7 +716,7 @@ def section(rows: list[dict], args: argparse.Namespace, command: str,
         "",
         f"`{command}`{' (smoke test: numbers meaningless)' if args.quick else ''} — "
         f"torch {torch.__version__}, onnxruntime {ort.__version__} (CPU provider), "
-        f"{_machine()}, Python {platform.python_version()}; 1-min load average "
+        f"{machine()}, Python {platform.python_version()}; 1-min load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after (the machine is shared); "
         f"{seconds:.0f} s for this table "
         f"({'each model in a fresh process' if isolated else 'all models in one process'}).",
@@ -843,14 +811,14 @@ def main(argv: list[str] | None = None) -> None:
             (f"--rounds {args.rounds}", args.rounds), ("--quick", args.quick),
             ("--in-process", args.in_process)) if on)
     isolate = len(names) > 1 and not args.in_process
-    load_before, start = _load(), time.perf_counter()
+    load_before, start = load_average(), time.perf_counter()
     rows = []
     for name in names:
         rows += (measure_isolated(name, args) if isolate
                  else measure(name, timings[name], thread_counts))
     rows.sort(key=lambda r: (r["threads"], names.index(r["model"])))
     text = section(rows, args, command, time.perf_counter() - start,
-                   (load_before, _load()), isolate)
+                   (load_before, load_average()), isolate)
     if not args.no_write:
         write_section("quant-dynamic", text)
     print(text)

@@ -88,6 +88,15 @@ from fxopt.lowering.onnx_export import quiet
 from fxopt.verify import QUANTIZED, Tolerance, compare_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_support import (  # noqa: E402
+    cell,
+    load_average,
+    machine,
+    ort_feeds,
+    ort_options,
+    ort_session,
+    short_error,
+)
 from results_file import write_section  # noqa: E402
 
 MODELS = ("resnet50", "hf-resnet50", "mobilenet", "resnet")
@@ -113,54 +122,6 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 # --------------------------------------------------------------------------- helpers
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
-
-
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _short(e: BaseException, limit: int = 160) -> str:
-    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def _options(threads: int, optimized_path: Path | None = None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
-    return opts
-
-
-def _session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session: ort.InferenceSession, inputs: tuple) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise RuntimeError(f"the file takes {len(names)} inputs, the model {len(inputs)}")
-    return {n: x.detach().contiguous().numpy() for n, x in zip(names, inputs)}
-
-
 def _ops(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
@@ -169,7 +130,7 @@ def _ort_ops(path: Path, tmp: Path, threads: int) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime runs (ORT_ENABLE_ALL) for ``path``."""
     out = tmp / f"{path.stem}.ort-optimized.onnx"
     try:
-        _session(path, _options(threads, out))
+        ort_session(path, ort_options(threads, out))
         return _ops(onnx.load(str(out), load_external_data=False))
     finally:
         for f in (out, Path(f"{out}.data")):
@@ -215,7 +176,7 @@ class _Reader(CalibrationDataReader):
 
 def _ort_quantize(fp32: Path, out: Path, tmp: Path, batches: list[tuple]) -> bool:
     """quant_pre_process + quantize_static; returns whether pre-processing was used."""
-    names = [i.name for i in _session(fp32, _options(1)).get_inputs()]
+    names = [i.name for i in ort_session(fp32, ort_options(1)).get_inputs()]
     pre = tmp / f"{fp32.stem}.pre.onnx"
     try:
         quant_pre_process(str(fp32), str(pre))
@@ -338,7 +299,7 @@ def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
         try:
             base["pre_process"] = _ort_quantize(paths["fp32"], paths["ortq"], tmp, calib)
         except Exception as e:
-            base["errors"]["ortq"] = _short(e)
+            base["errors"]["ortq"] = short_error(e)
         base["build_s"]["ortq"] = time.perf_counter() - start
 
         gms: dict[str, nn.Module] = {}
@@ -351,7 +312,7 @@ def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
                 gms[key], base[f"{key}_info"] = _fxopt_quantize(model, inputs, calib, path,
                                                                 observer)
             except Exception as e:
-                base["errors"][key] = _short(e)
+                base["errors"][key] = short_error(e)
             base["build_s"][key] = time.perf_counter() - start
         ok = [k for k in paths if k not in base["errors"]]
         print(f"  {name}: built {', '.join(ok)} "
@@ -367,8 +328,8 @@ def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
         # accuracy against the fp32 file on held-out inputs
         outs = {}
         for k in ok:
-            s = _session(paths[k], _options(thread_counts[0]))
-            outs[k] = [[np.asarray(o) for o in s.run(None, _feeds(s, h))] for h in held]
+            s = ort_session(paths[k], ort_options(thread_counts[0]))
+            outs[k] = [[np.asarray(o) for o in s.run(None, ort_feeds(s, h))] for h in held]
         base["accuracy"] = {k: _accuracy(outs["fp32"], outs[k]) for k in ok if k != "fp32"}
         with torch.no_grad():
             for k, gm in gms.items():
@@ -381,9 +342,9 @@ def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
             rows.append(row)
             if any(k in base["errors"] for k in TIMED):
                 continue
-            opts = _options(n)  # one SessionOptions object for all three sessions
-            sessions = {k: _session(paths[k], opts) for k in TIMED}
-            feeds = {k: _feeds(s, inputs) for k, s in sessions.items()}
+            opts = ort_options(n)  # one SessionOptions object for all three sessions
+            sessions = {k: ort_session(paths[k], opts) for k in TIMED}
+            feeds = {k: ort_feeds(s, inputs) for k, s in sessions.items()}
             cmp = compare_latency(
                 {k: (lambda s=sessions[k], f=feeds[k]: s.run(None, f)) for k in TIMED},
                 (), **timing)
@@ -511,7 +472,7 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, timing: di
         "",
         f"`{command}`{' (smoke test: numbers meaningless)' if args.quick else ''} — "
         f"torch {torch.__version__}, onnxruntime {ort.__version__} (CPU provider), "
-        f"{_machine()}, Python {platform.python_version()}; 1-min load average "
+        f"{machine()}, Python {platform.python_version()}; 1-min load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after; {seconds:.0f} s for this section "
         f"({'each model in a fresh process' if isolated else 'all models in one process'}; "
         f"torch, which only exports and calibrates here, on {TORCH_THREADS} thread).",
@@ -540,7 +501,7 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, timing: di
     for r in rows:
         shape = "x".join(str(d) for d in r["shape"])
         if "ms" not in r:
-            why = _cell("; ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "?")
+            why = cell("; ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "?")
             lines.append(f"| {r['model']} | {shape} | {r['threads']} | not timed: {why} "
                          "| | | | | | | | |")
             continue
@@ -571,7 +532,7 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, timing: di
         for k in [*TIMED, *([f"fxopt-{clip}"] if clip else [])]:
             if k not in r["ort_ops"]:
                 if k in r["errors"]:
-                    lines.append(f"| {r['model']} | {k} | failed: {_cell(r['errors'][k])} "
+                    lines.append(f"| {r['model']} | {k} | failed: {cell(r['errors'][k])} "
                                  "| | | | | | |")
                 continue
             o, f = r["ort_ops"][k], r["file_ops"][k]
@@ -687,14 +648,14 @@ def main(argv: list[str] | None = None) -> None:
             (f"--clip-observer {args.clip_observer}", args.clip_observer != "percentile"),
             ("--quick", args.quick), ("--in-process", args.in_process)) if on)
     isolate = len(names) > 1 and not args.in_process
-    load_before, start = _load(), time.perf_counter()
+    load_before, start = load_average(), time.perf_counter()
     rows = []
     for name in names:
         rows += (model_isolated(name, args) if isolate
                  else model_rows(name, timing, thread_counts, n_calib, n_held, clip))
     rows.sort(key=lambda r: (r["threads"], names.index(r["model"])))
     text = section(rows, args, command, timing, time.perf_counter() - start,
-                   (load_before, _load()), isolate)
+                   (load_before, load_average()), isolate)
     if not args.no_write:
         write_section("quant-latency", text)
     print(text)
