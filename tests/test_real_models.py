@@ -109,6 +109,14 @@ def test_real_model_exports_to_onnx_and_verifies_in_onnx_runtime(name, tmp_path)
         assert compare_outputs(want_longer, torch.utils._pytree.tree_leaves(art(*longer))).ok()
 
 
+def _data_driven_bn(model: torch.nn.Module) -> None:
+    """Random BN statistics make a CNN's outputs near-constant noise; the zoo's fix."""
+    from fxopt import zoo
+
+    zoo._calibrate_bn(model, lambda: (torch.randn(8, 3, 64, 64),))
+    model.eval()
+
+
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1)
@@ -137,12 +145,8 @@ def test_real_cnn_static_int8_runs_int8_kernels_in_onnx_runtime(tmp_path):
     import onnxruntime as ort
 
     model, inputs = _hf_resnet()
-    model.eval()
-    with torch.no_grad():  # data-driven BN statistics (random ones give near-constant outputs)
-        model.train()
-        for _ in range(3):
-            model(torch.randn(8, 3, 64, 64))
-        model.eval()
+    _data_driven_bn(model)
+    with torch.no_grad():
         want = model(*inputs).pooler_output
     calib = [(torch.randn(2, 3, 64, 64),) for _ in range(4)]
     res = fxopt.optimize(model, inputs, "default,quantize(scheme=int8,target=ort)",
@@ -167,12 +171,8 @@ def test_real_models_cast_to_fp16_run_in_onnx_runtime(name, tmp_path):
 
     model, inputs = CASES[name]()
     model.eval()
-    if name == "hf-resnet":  # data-driven BN statistics (random ones make outputs noise)
-        with torch.no_grad():
-            model.train()
-            for _ in range(3):
-                model(torch.randn(8, 3, 64, 64))
-            model.eval()
+    if name == "hf-resnet":
+        _data_driven_bn(model)
     with torch.no_grad():
         want = [t for t in torch.utils._pytree.tree_leaves(model(*inputs)) if t is not None]
     res = fxopt.optimize(model, inputs, "default,half(dtype=fp16)")
