@@ -282,7 +282,7 @@ class OpView:
             path = f"{self.node.target}.{name}"
             readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
             if readers and isinstance(old, torch.Tensor):  # keep the old tensor for them
-                keep = _fresh_attr(root, path.replace(".", "_"))
+                keep = fresh_attr(root, path.replace(".", "_"))
                 root.register_buffer(keep, old.detach())
                 for n in readers:
                     n.target = keep
@@ -305,7 +305,7 @@ class OpView:
         ):
             _set_path(root, src.target, value)
             return
-        attr = _fresh_attr(root, f"{self.node.name}_{name}")
+        attr = fresh_attr(root, f"{self.node.name}_{name}")
         root.register_buffer(attr, value)
         with graph.inserting_before(self.node):
             new = graph.get_attr(attr)
@@ -374,9 +374,16 @@ def _read_elsewhere(graph: fx.Graph, src: fx.Node) -> bool:
     return False
 
 
-def _fresh_attr(root: nn.Module, base: str) -> str:
+def fresh_attr(root: nn.Module, base: str, *suffixes: str) -> str:
+    """``base``, or ``base_1``, ``base_2``… : the first name ``root`` has no attribute of
+    (with each of ``suffixes`` appended, when given).
+
+    >>> fresh_attr(nn.Linear(2, 2), "weight")
+    'weight_1'
+    """
+    suffixes = suffixes or ("",)
     name, i = base, 0
-    while hasattr(root, name):
+    while any(hasattr(root, f"{name}{s}") for s in suffixes):
         i += 1
         name = f"{base}_{i}"
     return name

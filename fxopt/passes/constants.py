@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ops import OPAQUE, fetch_attr, is_inplace, is_pure, lookup, op_of
+from fxopt.ops import OPAQUE, fetch_attr, fresh_attr, is_inplace, is_pure, lookup, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.cleanup import drop_unused_attributes
 
@@ -114,14 +114,6 @@ def _storable(value: Any, max_bytes: int) -> bool:
     return 0 not in value.stride() or value.numel() <= 1  # don't materialise broadcasts
 
 
-def _fresh_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = f"_folded_{base}", 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"_folded_{base}_{i}"
-    return name
-
-
 @register_pass("fold_constants", Semantics.EXACT)
 def fold_constants(gm: fx.GraphModule, ctx: PassContext, *,
                    max_bytes: int = 1 << 28) -> PassResult:
@@ -149,7 +141,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext, *,
             continue
         if any(is_inplace(u) for u in node.users):
             continue  # a stored buffer would be mutated on every call
-        name = _fresh_name(gm, node.name)
+        name = fresh_attr(gm, f"_folded_{node.name}")
         gm.register_buffer(name, env[node].detach().clone())
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)

@@ -27,7 +27,7 @@ from torch import nn
 
 from fxopt.errors import QuantizationError
 from fxopt.lowering.onnx_export import register_translation
-from fxopt.ops import OpDef, OpView, fetch_attr, op_of, register_op
+from fxopt.ops import OpDef, OpView, fetch_attr, fresh_attr, op_of, register_op
 from fxopt.quant.select import layer_name, matches
 
 # Partial sums of (uint8 - zp) * int8 products are integers below 255 * 127 * K: float32
@@ -264,18 +264,10 @@ def _candidate(node: fx.Node):
 
 def _store(gm: fx.GraphModule, base: str, w_t: torch.Tensor, scale: torch.Tensor) -> str:
     """Register ``{base}_weight`` / ``{base}_scale`` buffers under a fresh ``base``."""
-    base = _fresh(gm, base, "_weight", "_scale")
+    base = fresh_attr(gm, base, "_weight", "_scale")
     gm.register_buffer(f"{base}_weight", w_t)
     gm.register_buffer(f"{base}_scale", scale)
     return base
-
-
-def _fresh(gm: nn.Module, base: str, *suffixes: str) -> str:
-    name, i = base, 0
-    while any(hasattr(gm, f"{name}{s}") for s in suffixes):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, base: str, bias) -> None:
@@ -284,7 +276,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, base: str, bias) -> 
     with graph.inserting_before(node):
         w_node, s_node = graph.get_attr(f"{base}_weight"), graph.get_attr(f"{base}_scale")
         if isinstance(bias, torch.Tensor):  # a module's bias, or a tensor literal
-            b_name = _fresh(gm, f"{node.name}_int8_bias", "")
+            b_name = fresh_attr(gm, f"{node.name}_int8_bias", "")
             gm.register_buffer(b_name, bias.detach().float().clone())
             bias = graph.get_attr(b_name)
         new = graph.create_node(

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.ops import op_of
+from fxopt.ops import fresh_attr, op_of
 from fxopt.quant import static
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.observers import make_observer, observed
@@ -231,7 +231,7 @@ def _float_biases(gm: fx.GraphModule) -> int:
             continue
         q, s = (operator.attrgetter(a.target)(gm) for a in sources)
         value = (q.float() * s.float()).detach()
-        name = _fresh(gm, str(sources[0].target).removesuffix("_int32").replace(".", "_"))
+        name = fresh_attr(gm, str(sources[0].target).removesuffix("_int32").replace(".", "_"))
         gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
         with graph.inserting_before(node):
             bias = graph.get_attr(name)
@@ -248,13 +248,6 @@ def _float_biases(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return done
-
-
-def _fresh(gm: nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _delete_attr(gm: nn.Module, target: str) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.ops import op_of
+from fxopt.ops import fresh_attr, op_of
 from fxopt.quant import qdq  # noqa: F401  (registers fxopt::dequantize_int32)
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.select import layer_name, matches
@@ -199,7 +199,7 @@ def quantize_biases(gm: fx.GraphModule) -> int:
             continue
         scale = (fq_x.scale.reshape(()) * fq_w.scale).float().expand(bias.shape[0]).clone()
         q = torch.round(bias.detach().float() / scale).clamp(-(2**31), 2**31 - 1)
-        name = _fresh(gm, f"{node.name}_bias")
+        name = fresh_attr(gm, f"{node.name}_bias")
         gm.register_buffer(f"{name}_int32", q.to(torch.int32))
         gm.register_buffer(f"{name}_scale", scale)
         with gm.graph.inserting_before(node):
@@ -286,7 +286,7 @@ def _insert_activation_fq(gm: fx.GraphModule, value: fx.Node, users: set[fx.Node
                           spec: Target, observer: str) -> None:
     fq = FakeQuantize(bits=8, signed=spec.activation_signed,
                       symmetric=spec.activation_symmetric, observer_kind=observer, mode="observe")
-    name = _fresh(gm, f"{value.name}_fq")
+    name = fresh_attr(gm, f"{value.name}_fq")
     gm.add_submodule(name, fq)
     with gm.graph.inserting_after(value):
         fq_node = gm.graph.call_module(name, (value,))
@@ -357,21 +357,13 @@ def _quantize_weight(gm: fx.GraphModule, node: fx.Node, observer: str, per_chann
                       observer_kind=observer, mode="observe")
     fq(weight.detach())
     fq.freeze(where=f"the weight of {layer_name(node)}")
-    name = _fresh(gm, f"{node.name}_weight_fq")
+    name = fresh_attr(gm, f"{node.name}_weight_fq")
     gm.add_submodule(name, fq)
     with gm.graph.inserting_before(node):
         fq_node = gm.graph.call_module(name, (w_node,))
     fq_node.meta.update({k: v for k, v in w_node.meta.items() if k in ("shape", "dtype")})
     node.replace_input_with(w_node, fq_node)
     return 1
-
-
-def _fresh(gm: nn.Module, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def _length(batches: Iterable, limit: int | None) -> int | None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.ops import OpView, fetch_attr, op_of
+from fxopt.ops import OpView, fetch_attr, fresh_attr, op_of
 from fxopt.quant.select import layer_name, matches
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -289,7 +289,7 @@ def apply_weight_only(gm: fx.GraphModule, *, bits: int = 8, group_size: int | No
         weight, bias = view.params["weight"], view.params["bias"]
         key = (id(weight), id(bias) if bias is not None else None, repr(view.attrs))
         if key not in made:
-            made[key] = _fresh_name(gm, re.sub(r"\W", "_", name) + f"_w{bits}")
+            made[key] = fresh_attr(gm, re.sub(r"\W", "_", name) + f"_w{bits}")
             if view.kind == "linear":
                 mod = WeightOnlyLinear.from_float(weight, bias, bits=bits, group_size=group_size)
             else:
@@ -368,11 +368,3 @@ def _drop_attr(gm: fx.GraphModule, path: str) -> None:
     owner = fetch_attr(gm, parent)
     if isinstance(owner, nn.Module) and isinstance(getattr(owner, leaf, None), torch.Tensor):
         delattr(owner, leaf)  # a parameter, buffer or plain tensor attribute
-
-
-def _fresh_name(gm: nn.Module, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
