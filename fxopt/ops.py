@@ -374,6 +374,26 @@ def _read_elsewhere(graph: fx.Graph, src: fx.Node) -> bool:
     return False
 
 
+def model_bytes(module: nn.Module) -> int:
+    """Bytes held by all parameters, buffers and tensor attributes (each storage view once),
+    packed dtypes at their real size: a uint8 holding two int4 values counts one byte.
+
+    >>> model_bytes(nn.Linear(64, 32))
+    8320
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for mod in module.modules():
+        tensors = [*mod._parameters.values(), *mod._buffers.values()]
+        tensors += [v for v in vars(mod).values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            key = t is not None and (t.data_ptr(), t.numel(), t.dtype, tuple(t.stride()))
+            if key and key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
 def fresh_attr(root: nn.Module, base: str, *suffixes: str) -> str:
     """``base``, or ``base_1``, ``base_2``… : the first name ``root`` has no attribute of
     (with each of ``suffixes`` appended, when given).

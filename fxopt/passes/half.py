@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.errors import SpecError
-from fxopt.ops import fetch_attr, lookup, op_of
+from fxopt.ops import fetch_attr, lookup, model_bytes, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.quant.select import matches
 from fxopt.verify import Tolerance
@@ -135,7 +135,7 @@ def half(
             )
         return PassResult(gm, modified=False, stats={"dtype": dtype, "already": True})
     keep = [keep_fp32] if isinstance(keep_fp32, str) else [str(k) for k in keep_fp32 or ()]
-    bytes_before = _param_bytes(gm)
+    bytes_before = model_bytes(gm)
     if any("dtype" not in n.meta for n in gm.graph.nodes if n.op != "output"):
         from fxopt.capture import annotate
 
@@ -164,7 +164,7 @@ def half(
         "casts": casts,
         "removed_casts": removed,
         "bytes_before": bytes_before,
-        "bytes_after": _param_bytes(gm),
+        "bytes_after": model_bytes(gm),
     }
     if ctx.calibration is not None:
         stats["overflow_fp32"] = [(name, float(f"{m:.4g}")) for name, m in overflow.items()]
@@ -473,13 +473,3 @@ def _refresh_meta(gm: fx.GraphModule, ctx: PassContext, target, keep_io_types) -
         gm.meta.setdefault("fxopt", {}).setdefault("notes", []).append(
             f"half: could not refresh shape/dtype metadata ({type(e).__name__}: {e})"
         )
-
-
-def _param_bytes(gm: fx.GraphModule) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in [*gm.parameters(), *gm.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total

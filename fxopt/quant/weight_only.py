@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.ops import OpView, fetch_attr, fresh_attr, op_of
+from fxopt.ops import OpView, fetch_attr, fresh_attr, model_bytes, op_of
 from fxopt.quant.select import layer_name, matches
 
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -204,26 +204,6 @@ WEIGHT_ONLY_MODULES = (WeightOnlyLinear, WeightOnlyConv2d)
 def _pair(v: Any) -> Any:
     """``2`` -> ``(2, 2)``; lists become tuples; ``"same"`` stays."""
     return (v, v) if isinstance(v, int) else v if isinstance(v, str) else tuple(v)
-
-
-def model_bytes(module: nn.Module) -> int:
-    """Bytes held by all parameters, buffers and tensor attributes (each storage view once),
-    packed dtypes at their real size: a uint8 holding two int4 values counts one byte.
-
-    >>> model_bytes(nn.Linear(64, 32))
-    8320
-    """
-    seen: set[tuple] = set()
-    total = 0
-    for mod in module.modules():
-        tensors = [*mod._parameters.values(), *mod._buffers.values()]
-        tensors += [v for v in vars(mod).values() if isinstance(v, torch.Tensor)]
-        for t in tensors:
-            key = t is not None and (t.data_ptr(), t.numel(), t.dtype, tuple(t.stride()))
-            if key and key not in seen:
-                seen.add(key)
-                total += t.numel() * t.element_size()
-    return total
 
 
 def apply_weight_only(gm: fx.GraphModule, *, bits: int = 8, group_size: int | None = None,
