@@ -436,7 +436,8 @@ _SKIP = (
 )
 
 
-_ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo.py")
+# the zoo package is model code, not library code: its frames are the user's location
+_ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo", "")
 
 
 def _user_location(e: BaseException) -> str:
@@ -448,7 +449,7 @@ def _user_location(e: BaseException) -> str:
         err = err.__cause__ or err.__context__
         if err is e:
             break
-    user = [f for f in frames if not f.filename.startswith(_SKIP) or f.filename == _ZOO]
+    user = [f for f in frames if not f.filename.startswith(_SKIP) or f.filename.startswith(_ZOO)]
     if not user:
         return "an unknown location"
     f = user[-1]
