@@ -51,7 +51,7 @@ def check_trt(model, trt_version: int = 10, dim_bounds=None):
         report = fxopt.check_trt("out/model.onnx", trt_version=10)
         print(report.format()); report.ok
     """
-    from fxopt.lowering.trt_check import check_trt as _check_trt  # imports onnx lazily
+    from fxopt.trt_check import check_trt as _check_trt  # imports onnx lazily
 
     return _check_trt(model, trt_version=trt_version, dim_bounds=dim_bounds)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from fxopt.errors import LoweringError
-from fxopt.lowering.trt_check import Finding, TrtReport, check_trt, support_data
+from fxopt.trt_check import Finding, TrtReport, check_trt, support_data
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -385,6 +392,18 @@ def test_support_data_is_loaded_once_and_cites_sources():
     assert data is support_data()
     assert data["sources"] and all(s["url"].startswith("https://") for s in data["sources"])
     assert all(r.get("fix") for r in data["restrictions"])
+
+
+def test_support_data_ships_as_package_data_beside_the_checker():
+    # the JSON must move with the module and be named in pyproject's package-data, or an
+    # installed (non-editable) fxopt has no support data at all
+    import fxopt.trt_check
+
+    here = Path(fxopt.trt_check.__file__).parent
+    assert (here / "trt_onnx_support.json").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["fxopt"]
+    assert any(fnmatch.fnmatch("trt_onnx_support.json", g) for g in globs)
 
 
 def test_non_onnx_file_raises(tmp_path):

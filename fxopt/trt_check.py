@@ -110,7 +110,7 @@ def support_data() -> dict[str, Any]:
     >>> sorted(support_data()["opsets"])
     ['10', '11']
     """
-    res = importlib.resources.files("fxopt.lowering") / "trt_onnx_support.json"
+    res = importlib.resources.files("fxopt") / "trt_onnx_support.json"
     return json.loads(res.read_text(encoding="utf-8"))
 
 
