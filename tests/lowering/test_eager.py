@@ -285,6 +285,25 @@ def test_export_guard_is_kept_as_data(tmp_path):
         art(torch.randn(3, 3, 8, 8))
 
 
+def test_guard_written_under_its_old_module_still_loads(tmp_path):
+    # InputGuard lived in fxopt.lowering.graph_json when format_version 1 was first written
+    gm = _export(ResCNN().eval(), (torch.randn(2, 3, 8, 8),))
+    lower(gm, "eager", (torch.randn(2, 3, 8, 8),), path=tmp_path / "art")
+    manifest = tmp_path / "art" / "manifest.json"
+    assert json.loads(manifest.read_text())["modules"]["_guards_fn"]["class"] == (
+        "fxopt.lowering.input_guard.InputGuard"
+    )
+    old = "fxopt.lowering.graph_json.InputGuard"
+    _edit(manifest, lambda d: d["modules"]["_guards_fn"].update({"class": old}))
+    art = load(tmp_path / "art")
+    with pytest.raises(LoweringError, match="exported for 2"):
+        art(torch.randn(3, 3, 8, 8))
+    # only that one recorded move is mapped: other class names stay strict
+    _edit(manifest, lambda d: d["modules"]["_guards_fn"].update({"class": old + "X"}))
+    with pytest.raises(LoweringError, match="does not exist"):
+        load(tmp_path / "art")
+
+
 def test_pipeline_and_capture_recorded(tmp_path):
     gm = fx.symbolic_trace(ResCNN().eval())
     gm.meta["fxopt"] = {"pipeline": ["cleanup", {"name": "fold_bn"}], "capture": {"mode": "fx"}}
@@ -486,9 +505,9 @@ def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
 
 
 def test_constructor_that_does_not_rebuild_is_refused(tmp_path, monkeypatch):
-    from fxopt.lowering import eager
+    from fxopt.lowering import eager_rebuild
 
-    monkeypatch.setitem(eager._KWARG_RULES, nn.Linear, {"out_features": lambda m: 7})
+    monkeypatch.setitem(eager_rebuild._KWARG_RULES, nn.Linear, {"out_features": lambda m: 7})
     gm = fx.symbolic_trace(ResCNN().eval())
     with pytest.raises(LoweringError, match="does not rebuild"):
         lower(gm, "eager", (torch.randn(1, 3, 8, 8),), path=tmp_path / "art")
