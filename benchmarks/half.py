@@ -28,7 +28,7 @@ from fxopt.bench import compare_latency
 from fxopt.verify import Tolerance, compare_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_section  # noqa: E402
+from results_file import publish  # noqa: E402
 
 LATENCY_MODELS = ("resnet50", "transformer", "resnet", "mobilenet")
 LOOSE = Tolerance(rtol=5e-2, atol=1e-3, min_cosine=0.99)
@@ -120,9 +120,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---|---|",
         *latency,
     ])
-    print(body)
-    if not args.no_write:
-        write_section("half", body)
+    publish("half", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ machine), ``--rounds N``, ``--quick`` (few repeats: a smoke test, numbers meanin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -40,7 +37,15 @@ from fxopt.bench import compare_latency, threads
 from fxopt.verify import compare_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_section  # noqa: E402
+from bench_support import (  # noqa: E402
+    add_run_flags,
+    load_average,
+    parse_models,
+    print_row,
+    run_isolated,
+    spread,
+)
+from results_file import publish  # noqa: E402
 
 ZOO_MODELS = ("resnet", "mobilenet", "densenet", "shufflenet", "decoder", "dynamic",
               "resnet50", "transformer", "gqa", "mlp")
@@ -150,23 +155,10 @@ def measure_isolated(name: str, args: argparse.Namespace) -> dict:
     changing the next model's numbers: in one shared process the same model was seen to
     fault ~4,700 pages per eager call in one run and none in the next.
     """
-    cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--row-json"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.rounds:
-        cmd += ["--rounds", str(args.rounds)]
-    if args.quick:
-        cmd.append("--quick")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fxopt.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [line[len(ROW_MARK):] for line in proc.stdout.splitlines()
-            if line.startswith(ROW_MARK)]
-    if proc.returncode != 0 or not rows:
-        raise SystemExit(f"benchmark of {name} failed (exit {proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    row = json.loads(rows[-1])
+    flags = ["--threads", str(args.threads)] if args.threads else []
+    flags += ["--rounds", str(args.rounds)] if args.rounds else []
+    flags += ["--quick"] if args.quick else []
+    row = run_isolated(__file__, name, ROW_MARK, flags)
     row["faults"] = tuple(row["faults"])
     return row
 
@@ -181,23 +173,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="interleaved eager/fxopt rounds (default 10; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="few repeats: checks the script runs, numbers are meaningless")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print the section without writing benchmarks/RESULTS.md")
-    parser.add_argument("--in-process", action="store_true",
-                        help="measure every model in this process (default: one fresh "
-                             "process per model when there are several)")
-    parser.add_argument("--row-json", action="store_true", help=argparse.SUPPRESS)
+    add_run_flags(parser)
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    names = parse_models(parser, args.models, MODELS, MODELS)
     if args.quick:
         timing = {"rounds": args.rounds or 2, "warmup": 2, "repeat": 3, "min_time_s": 0.0}
     else:
         timing = {"rounds": args.rounds or 10, "warmup": 10, "repeat": 10, "min_time_s": 0.2}
     warnings.simplefilter("ignore")
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = load_average()
     isolate = len(names) > 1 and not args.in_process and not args.row_json
     with threads(args.threads) as n_threads:
         rows = []
@@ -206,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name}: {rows[-1]['speedup']:.3f}x", file=sys.stderr, flush=True)
     if args.row_json:
         for row in rows:
-            print(ROW_MARK + json.dumps(row), flush=True)
+            print_row(ROW_MARK, row)
         return
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_after = load_average()
 
     per_round = (f"{timing['repeat']} calls and {timing['min_time_s']:g} s per candidate per "
                  f"round, after {timing['warmup']} warm-up calls")
@@ -263,15 +247,12 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['model']} | {r['frontend']} | {r['batch']} | {r['threads']} "
             f"| {r['folded_bn']} | {r['nodes']} | {r['eager_ms']:.3f} | {r['captured_ms']:.3f} "
             f"| {r['fxopt_ms']:.3f} | {r['speedup']:.3f} "
-            f"| {rs[0]:.2f} / {statistics.median(rs):.2f} / {rs[-1]:.2f} | {faster}/{len(rs)} "
+            f"| {spread(rs)} | {faster}/{len(rs)} "
             f"| {r['pipeline_speedup']:.3f} ({r['pipeline_faster']}/{len(rs)}) "
             f"| {_faults(r['faults'])} "
             f"| {r['max_abs']:.2e} | {r['rel']:.1e} |"
         )
-    text = "\n".join(lines) + "\n"
-    if not args.no_write:
-        write_section("latency", text)
-    print(text)
+    publish("latency", "\n".join(lines) + "\n", write=not args.no_write)
 
 
 if __name__ == "__main__":

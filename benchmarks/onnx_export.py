@@ -42,13 +42,11 @@ model).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,12 +68,18 @@ from fxopt.lowering.onnx_export import quiet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_support import (  # noqa: E402
+    add_run_flags,
     cell,
     load_average,
     machine,
     ort_feeds,
     ort_options,
     ort_session,
+    parse_models,
+    parse_threads,
+    print_row,
+    run_isolated,
+    spread,
 )
 from results_file import write_section  # noqa: E402
 
@@ -338,24 +342,10 @@ def latency_rows(name: str, timing: dict, thread_counts: list[int]) -> list[dict
 def latency_isolated(name: str, args: argparse.Namespace) -> list[dict]:
     """``latency_rows(name)`` in a fresh Python process (this script with ``--row-json``),
     so that one model's allocator state, thread pools and caches do not colour the next."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--sections",
-           "latency", "--row-json", "--threads", args.threads]
-    if args.rounds:
-        cmd += ["--rounds", str(args.rounds)]
-    if args.quick:
-        cmd.append("--quick")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fxopt.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [line[len(ROW_MARK):] for line in proc.stdout.splitlines()
-            if line.startswith(ROW_MARK)]
-    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
-                             if line.startswith("  latency ")))
-    if proc.returncode != 0 or not rows:
-        raise SystemExit(f"benchmark of {name} failed (exit {proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    return json.loads(rows[-1])
+    flags = ["--sections", "latency", "--threads", args.threads]
+    flags += ["--rounds", str(args.rounds)] if args.rounds else []
+    flags += ["--quick"] if args.quick else []
+    return run_isolated(__file__, name, ROW_MARK, flags, relay="  latency ")
 
 
 def _fmt_nodes(row: dict, key: str) -> str:
@@ -503,7 +493,7 @@ def latency_section(rows: list[dict], args: argparse.Namespace, command: str,
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['threads']} | {plain_s} | {fx_s} "
             f"| {r['plain_ms']:.3f} | {r['fx_ms']:.3f} | {r['speedup']:.3f} "
-            f"| {rs[0]:.2f} / {statistics.median(rs):.2f} / {rs[-1]:.2f} "
+            f"| {spread(rs)} "
             f"| {sum(x > 1 for x in rs)}/{len(rs)} | {_fmt_nodes(r, 'nodes')} "
             f"| {_fmt_nodes(r, 'ort_nodes')} | {_fmt_nodes(r, 'batch')} "
             f"| {_fmt_nodes(r, 'opset')} | {r['max_abs']:.2e} |")
@@ -527,30 +517,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="which sections to run: export, latency or both (default)")
     parser.add_argument("--quick", action="store_true",
                         help="three small models, few repeats: a smoke test")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print the sections without writing benchmarks/RESULTS.md")
-    parser.add_argument("--in-process", action="store_true",
-                        help="time every model in this process (default: one fresh process "
-                             "per model when there are several)")
-    parser.add_argument("--row-json", action="store_true", help=argparse.SUPPRESS)
+    add_run_flags(parser)
     args = parser.parse_args(argv)
 
-    if args.models:
-        names = [n.strip() for n in args.models.split(",") if n.strip()]
-    else:
-        names = list(QUICK_MODELS if args.quick else ALL_MODELS)
-    unknown = [n for n in names if n not in ALL_MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
+    names = parse_models(parser, args.models, QUICK_MODELS if args.quick else ALL_MODELS,
+                         ALL_MODELS)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or sections - {"export", "latency"}:
         parser.error("--sections takes export, latency or export,latency")
-    try:
-        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        parser.error(f"--threads takes comma-separated integers, got {args.threads!r}")
-    if not thread_counts or min(thread_counts) < 1:
-        parser.error("--threads needs positive integers")
+    thread_counts = parse_threads(parser, args.threads)
     if args.quick:
         timing = {"rounds": args.rounds or 2, "warmup": 2, "repeat": 3, "min_time_s": 0.0}
     else:
@@ -564,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.row_json:
         for name in names:
-            print(ROW_MARK + json.dumps(latency_rows(name, timing, thread_counts)), flush=True)
+            print_row(ROW_MARK, latency_rows(name, timing, thread_counts))
         return
 
     command = "python benchmarks/onnx_export.py" + "".join(

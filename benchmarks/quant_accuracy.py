@@ -66,7 +66,7 @@ from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.qat import freeze_qat, prepare_qat, weight_fake_quants
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_section  # noqa: E402
+from results_file import publish  # noqa: E402
 
 BATCH = 32
 CALIBRATION_BATCHES = 10
@@ -484,9 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         *summary_verdicts(deltas),
     ]
     text = "\n".join(lines) + "\n"
-    if not args.no_write:
-        write_section("quant-accuracy", text)
-    print(text)
+    publish("quant-accuracy", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,9 @@ a smoke test, numbers meaningless), ``--no-write`` (print only; leave RESULTS.md
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,15 +87,21 @@ from fxopt.verify import QUANTIZED, Tolerance, compare_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_support import (  # noqa: E402
+    add_run_flags,
     cell,
     load_average,
     machine,
     ort_feeds,
     ort_options,
     ort_session,
+    parse_models,
+    parse_threads,
+    print_row,
+    run_isolated,
     short_error,
+    spread,
 )
-from results_file import write_section  # noqa: E402
+from results_file import publish  # noqa: E402
 
 MODELS = ("resnet50", "hf-resnet50", "mobilenet", "resnet")
 QUICK_MODELS = ("mobilenet", "resnet")
@@ -370,33 +374,16 @@ def model_rows(name: str, timing: dict, thread_counts: list[int], n_calib: int,
 def model_isolated(name: str, args: argparse.Namespace) -> list[dict]:
     """``model_rows(name)`` in a fresh Python process (this script with ``--row-json``),
     so that one model's allocator state, thread pools and caches do not colour the next."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--row-json",
-           "--threads", args.threads, "--clip-observer", args.clip_observer]
+    flags = ["--threads", args.threads, "--clip-observer", args.clip_observer]
     for flag, value in (("--rounds", args.rounds), ("--calib", args.calib),
                         ("--held-out", args.held_out)):
         if value:
-            cmd += [flag, str(value)]
-    if args.quick:
-        cmd.append("--quick")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fxopt.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [line[len(ROW_MARK):] for line in proc.stdout.splitlines()
-            if line.startswith(ROW_MARK)]
-    sys.stderr.write("".join(line + "\n" for line in proc.stderr.splitlines()
-                             if line.startswith("  ")))
-    if proc.returncode != 0 or not rows:
-        raise SystemExit(f"benchmark of {name} failed (exit {proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    return json.loads(rows[-1])
+            flags += [flag, str(value)]
+    flags += ["--quick"] if args.quick else []
+    return run_isolated(__file__, name, ROW_MARK, flags, relay="  ")
 
 
 # --------------------------------------------------------------------------- report
-def _spread(values: list[float]) -> str:
-    return f"{values[0]:.2f} / {statistics.median(values):.2f} / {values[-1]:.2f}"
-
-
 def _kernels(ops: dict[str, int]) -> str:
     parts = [f"{k} {ops[k]}" for k in INT8_OPS if ops.get(k)]
     return ", ".join(parts) or "none"
@@ -509,9 +496,9 @@ def section(rows: list[dict], args: argparse.Namespace, command: str, timing: di
         lines.append(
             f"| {r['model']} | {shape} | {r['threads']} | {ms['fp32']:.3f} "
             f"| {ms['ortq']:.3f} | {ms['fxopt']:.3f} | {s['fp32/fxopt']:.2f} "
-            f"| {s['ortq/fxopt']:.3f} | {_spread(rs['ortq/fxopt'])} "
+            f"| {s['ortq/fxopt']:.3f} | {spread(rs['ortq/fxopt'])} "
             f"| {sum(x > 1 for x in rs['ortq/fxopt'])}/{len(rs['ortq/fxopt'])} "
-            f"| {s['fp32/ortq']:.2f} | {_spread(rs['fp32/fxopt'])} |")
+            f"| {s['fp32/ortq']:.2f} | {spread(rs['fp32/fxopt'])} |")
 
     lines += [
         "",
@@ -597,27 +584,11 @@ def main(argv: list[str] | None = None) -> None:
                              "(default percentile)")
     parser.add_argument("--quick", action="store_true",
                         help="small models, few repeats: a smoke test")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print the section without writing benchmarks/RESULTS.md")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every model in this process (default: one fresh process "
-                             "per model when there are several)")
-    parser.add_argument("--row-json", action="store_true", help=argparse.SUPPRESS)
+    add_run_flags(parser)
     args = parser.parse_args(argv)
 
-    if args.models:
-        names = [n.strip() for n in args.models.split(",") if n.strip()]
-    else:
-        names = list(QUICK_MODELS if args.quick else MODELS)
-    unknown = [n for n in names if n not in KNOWN]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(KNOWN)}")
-    try:
-        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        parser.error(f"--threads takes comma-separated integers, got {args.threads!r}")
-    if not thread_counts or min(thread_counts) < 1:
-        parser.error("--threads needs positive integers")
+    names = parse_models(parser, args.models, QUICK_MODELS if args.quick else MODELS, KNOWN)
+    thread_counts = parse_threads(parser, args.threads)
     n_calib = args.calib or (4 if args.quick else 16)
     n_held = args.held_out or (3 if args.quick else 8)
     if n_calib < 1 or n_held < 1:
@@ -636,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.row_json:
         for name in names:
             rows = model_rows(name, timing, thread_counts, n_calib, n_held, clip)
-            print(ROW_MARK + json.dumps(rows), flush=True)
+            print_row(ROW_MARK, rows)
         return
 
     command = "python benchmarks/quant_latency.py" + "".join(
@@ -656,9 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.sort(key=lambda r: (r["threads"], names.index(r["model"])))
     text = section(rows, args, command, timing, time.perf_counter() - start,
                    (load_before, load_average()), isolate)
-    if not args.no_write:
-        write_section("quant-latency", text)
-    print(text)
+    publish("quant-latency", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

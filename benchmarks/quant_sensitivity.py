@@ -26,7 +26,7 @@ from fxopt import zoo
 from fxopt.verify import cosine, random_like_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_file import write_section  # noqa: E402
+from results_file import publish  # noqa: E402
 
 
 def _row(name: str) -> str:
@@ -72,9 +72,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---|---|---:|",
         *rows,
     ])
-    print(body)
-    if not args.no_write:
-        write_section("quant-sensitivity", body)
+    publish("quant-sensitivity", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,10 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def publish(name: str, text: str, write: bool = True, path: Path = RESULTS) -> None:
+    """Print ``text`` and, when ``write``, make it the section ``name`` of RESULTS.md."""
+    if write:
+        write_section(name, text, path)
+    print(text)
