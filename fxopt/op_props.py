@@ -157,7 +157,7 @@ def _aten_packet_effects(name: str) -> Effects:
         if torch.Tag.nondeterministic_seeded in op.tags:
             out |= Effects.RANDOM
         if op._schema.is_mutable:
-            out |= Effects.UNKNOWN  # some form of it writes: do not assume which one runs
+            out |= Effects.INPLACE  # some form of it writes an input: assume this one may
         if any(r.alias_info is not None for r in op._schema.returns):
             out |= Effects.ALIAS
     return out
