@@ -140,10 +140,28 @@ _OPERATORS = {"gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+def _writes_an_input(schema: torch._C.FunctionSchema) -> bool:
+    """A positional argument marked ``(a!)``: ``add_``'s ``self``; not an ``out=`` buffer."""
+    return any(a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
+               for a in schema.arguments)
+
+
+def _overload_effects(op: torch._ops.OpOverload) -> Effects:
+    """Effects of one ATen overload, from its tags and schema (writes come from
+    ``writes_input``, which reads the same schema)."""
+    out = Effects.PURE
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        out |= Effects.RANDOM
+    if any(r.alias_info is not None for r in op._schema.returns):
+        out |= Effects.ALIAS
+    return out
+
+
 @functools.cache
 def _aten_packet_effects(name: str) -> Effects:
-    """Effects of ``aten.<name>``, from the tags and schemas of its overloads (``.out`` forms,
-    which write a buffer they are handed, aside)."""
+    """Effects of ``aten.<name>`` called through a torch function, Tensor method or operator,
+    which may dispatch to any of its overloads (``out=`` forms aside): the union of theirs,
+    and ``UNKNOWN`` when one of them writes an input (``x.add_`` is caught by its name)."""
     if name in _RANDOM_NAMES:
         return Effects.RANDOM
     packet = getattr(torch.ops.aten, name, None)
@@ -151,23 +169,18 @@ def _aten_packet_effects(name: str) -> Effects:
         return Effects.UNKNOWN | Effects.ALIAS
     out = Effects.PURE
     for overload in packet.overloads():
-        if overload.endswith("out"):
-            continue
         op = getattr(packet, overload)
-        if torch.Tag.nondeterministic_seeded in op.tags:
-            out |= Effects.RANDOM
-        if op._schema.is_mutable:
-            out |= Effects.INPLACE  # some form of it writes an input: assume this one may
-        if any(r.alias_info is not None for r in op._schema.returns):
-            out |= Effects.ALIAS
+        if op._schema.is_mutable and not _writes_an_input(op._schema):
+            continue  # an out= form: writes only the buffer it is handed
+        out |= _overload_effects(op)
+        if _writes_an_input(op._schema):
+            out |= Effects.UNKNOWN
     return out
 
 
 def _aten_name(node: fx.Node) -> str | None:
-    """The ATen op an untabled node calls, when there is one to ask."""
+    """The ATen op an untabled function, method or operator node calls, if there is one."""
     target = node.target
-    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1] if target.namespace == "aten" else None
     if node.op == "call_method":
         return str(target)
     if node.op != "call_function":
@@ -181,15 +194,25 @@ def _aten_name(node: fx.Node) -> str | None:
 
 
 def inferred_effects(node: fx.Node) -> Effects:
-    """Effects of a call node the op table does not list: ATen's word for a torch op, tensor
-    method or Python operator; ``UNKNOWN | ALIAS`` for anything else (a user function, an
-    unknown module, a non-ATen custom op).
+    """Effects of a call node the op table does not list: ATen's word for an ATen overload
+    (its tags and schema), a torch function, Tensor method or Python operator (the ATen op
+    of that name); ``UNKNOWN | ALIAS`` for anything else (a user function, an unknown
+    module, a custom op outside ATen).
 
     >>> [n.name for n in gm.graph.nodes if inferred_effects(n).pure]  # doctest: +SKIP
     ['sin']
     """
-    name = _aten_name(node)
-    found = _aten_packet_effects(name) if name else Effects.UNKNOWN | Effects.ALIAS
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+        if target.namespace != "aten":
+            found = Effects.UNKNOWN | Effects.ALIAS
+        elif target._schema.name.split("::")[-1] in _RANDOM_NAMES:
+            found = Effects.RANDOM | _overload_effects(target)
+        else:
+            found = _overload_effects(target)
+    else:
+        name = _aten_name(node)
+        found = _aten_packet_effects(name) if name else Effects.UNKNOWN | Effects.ALIAS
     return found | (Effects.INPLACE if writes_input(node) else Effects.PURE)
 
 

@@ -74,9 +74,12 @@ EFFECTS = [
     ("aten.add_", lambda: _node("call_function", aten.add_.Tensor, ("x", "w")), INPLACE | ALIAS),
     ("aten.sin", lambda: _node("call_function", aten.sin.default), PURE),
     ("aten.narrow", lambda: _node("call_function", aten.narrow.default, ("x", 0, 0, 1)), ALIAS),
+    # max.dim_max writes only out= buffers (not named *out): max is pure in every form
+    ("aten.max.dim", lambda: _node("call_function", aten.max.dim, ("x", 0)), PURE),
     # torch functions and tensor methods: the ATen op of the same name
     ("torch.sin", lambda: _node("call_function", torch.sin), PURE),
     ("torch.rand", lambda: _node("call_function", torch.rand, (2, 2)), RANDOM),
+    ("torch.max", lambda: _node("call_function", torch.max, ("x", 0)), PURE),
     ("Tensor.sin", lambda: _node("call_method", "sin"), PURE),
     ("Tensor.uniform_", lambda: _node("call_method", "uniform_"), RANDOM | INPLACE),
     # Python callables: operators by the ATen op they call, anything else unknown
