@@ -3,6 +3,11 @@
 Supporting a new op is one ``register_op(OpDef(...))`` call. MACs are counted for the
 ops that dominate compute (conv, conv_transpose, linear, matmul, attention); everything
 else counts 0, as fvcore and ptflops do for element-wise work.
+
+Properties beyond the category's defaults (``fxopt.op_props.CATEGORY_PROPS``) are listed on
+each entry: ``HALF_COMPUTE`` (run in fp16/bf16 by ``half``), ``FP32_SENSITIVE`` (kept fp32 by
+``half``), ``COMMUTATIVE`` (rules match both operand orders), ``FOLD_INTO`` (``fold_bn``
+folds into it), ``WEIGHT_QUANT`` (static int8 quantizes its weight).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxopt.op_props import Effects, Prop
 from fxopt.ops import OpDef, OpView, register_op
+
+_HALF = Prop.HALF_COMPUTE
+_FP32 = Prop.FP32_SENSITIVE
 
 
 def _numel(shape) -> int:
@@ -129,7 +138,8 @@ _op("conv", "conv",
     functions=(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d),
     aten=("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
     signature=_CONV_SIG, defaults=_CONV_DEFAULTS, params=("weight", "bias"),
-    attrs=_CONV_ATTRS, macs=_conv_macs, normalize=_per_dim("stride", "padding", "dilation"))
+    attrs=_CONV_ATTRS, macs=_conv_macs, normalize=_per_dim("stride", "padding", "dilation"),
+    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT))
 _op("conv_transpose", "conv",
     modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
     functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -139,11 +149,13 @@ _op("conv_transpose", "conv",
     signature=_CONV_T_SIG, defaults={**_CONV_DEFAULTS, "output_padding": 0},
     params=("weight", "bias"), attrs=(*_CONV_ATTRS, "output_padding"),
     macs=_conv_transpose_macs,
-    normalize=_per_dim("stride", "padding", "dilation", "output_padding"))
+    normalize=_per_dim("stride", "padding", "dilation", "output_padding"),
+    props=(_HALF, Prop.FOLD_INTO))
 _op("linear", "linear",
     modules=(nn.Linear,), functions=(F.linear, torch._C._nn.linear), aten=("linear",),
     signature=("input", "weight", "bias"), defaults={"bias": None},
-    params=("weight", "bias"), macs=_linear_macs)
+    params=("weight", "bias"), macs=_linear_macs,
+    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT))
 _op("batch_norm", "norm",
     modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
     functions=(F.batch_norm,),
@@ -178,23 +190,23 @@ _op("rms_norm", "norm",
 _op("embedding", "embedding",
     modules=(nn.Embedding,), functions=(F.embedding,), aten=("embedding",),
     signature=("input", "weight", "padding_idx"), params=("weight",), attrs=("padding_idx",),
-    normalize=_no_padding_is_none)
+    normalize=_no_padding_is_none, props=(_HALF,))
 _op("embedding", "embedding",  # torch.embedding takes the table first, like aten.embedding
     functions=(torch.embedding,), signature=("weight", "input", "padding_idx"),
-    params=("weight",), attrs=("padding_idx",), normalize=_no_padding_is_none)
+    params=("weight",), attrs=("padding_idx",), normalize=_no_padding_is_none, props=(_HALF,))
 _op("attention", "attention",
     modules=(nn.MultiheadAttention,), params=("in_proj_weight", "in_proj_bias"),
-    attrs=("embed_dim", "num_heads", "batch_first"), macs=_mha_macs)
+    attrs=("embed_dim", "num_heads", "batch_first"), macs=_mha_macs, props=(_HALF,))
 _op("scaled_dot_product", "attention",
     functions=(F.scaled_dot_product_attention,),
     aten=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"),
     signature=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
     defaults={"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None},
-    attrs=("is_causal", "scale", "dropout_p"), macs=_sdpa_macs)
+    attrs=("is_causal", "scale", "dropout_p"), macs=_sdpa_macs, props=(_HALF,))
 _op("matmul", "matmul",
     functions=(torch.matmul, torch.bmm, torch.mm, operator.matmul),
     methods=("matmul", "bmm", "mm"), aten=("matmul", "bmm", "mm"),
-    signature=("input", "other"), macs=_matmul_macs)
+    signature=("input", "other"), macs=_matmul_macs, props=(_HALF,))
 
 # ---------------------------------------------------------------- activations
 _ACTIVATIONS = {
@@ -226,7 +238,7 @@ _op("log_softmax", "softmax", modules=(nn.LogSoftmax,),
 _BINARY = ("input", "other")
 _op("add", "elementwise", functions=(operator.add, operator.iadd, torch.add),
     methods=("add", "add_"), aten=("add",), signature=(*_BINARY, "alpha"),
-    defaults={"alpha": 1})
+    defaults={"alpha": 1}, props=(Prop.COMMUTATIVE,))
 _op("sub", "elementwise", functions=(operator.sub, operator.isub, torch.sub),
     methods=("sub", "sub_"), aten=("sub",), signature=(*_BINARY, "alpha"),
     defaults={"alpha": 1})
@@ -234,7 +246,7 @@ _op("sub", "elementwise", functions=(operator.sub, operator.isub, torch.sub),
 _op("rsub", "elementwise", functions=(torch.rsub,), methods=("rsub",), aten=("rsub",),
     signature=(*_BINARY, "alpha"), defaults={"alpha": 1})
 _op("mul", "elementwise", functions=(operator.mul, operator.imul, torch.mul),
-    methods=("mul", "mul_"), aten=("mul",), signature=_BINARY)
+    methods=("mul", "mul_"), aten=("mul",), signature=_BINARY, props=(Prop.COMMUTATIVE,))
 _op("div", "elementwise", functions=(operator.truediv, operator.itruediv, torch.div),
     methods=("div", "div_"), aten=("div",), signature=_BINARY)
 _op("clamp", "elementwise", functions=(torch.clamp, torch.clip), methods=("clamp", "clip"),
@@ -243,10 +255,11 @@ _op("clamp", "elementwise", functions=(torch.clamp, torch.clip), methods=("clamp
 _op("neg", "elementwise", functions=(operator.neg, torch.neg), methods=("neg",),
     aten=("neg",))
 _op("pow", "elementwise", functions=(operator.pow, torch.pow), methods=("pow",),
-    aten=("pow",), signature=("input", "exponent"))
-for _kind, _fn in (("exp", torch.exp), ("log", torch.log), ("sqrt", torch.sqrt),
-                   ("rsqrt", torch.rsqrt), ("abs", torch.abs), ("erf", torch.erf)):
-    _op(_kind, "elementwise", functions=(_fn,), methods=(_kind,), aten=(_kind,))
+    aten=("pow",), signature=("input", "exponent"), props=(_FP32,))
+for _kind, _fn, _props in (("exp", torch.exp, (_FP32,)), ("log", torch.log, (_FP32,)),
+                           ("sqrt", torch.sqrt, ()), ("rsqrt", torch.rsqrt, ()),
+                           ("abs", torch.abs, ()), ("erf", torch.erf, ())):
+    _op(_kind, "elementwise", functions=(_fn,), methods=(_kind,), aten=(_kind,), props=_props)
 
 # ---------------------------------------------------------------- tensor plumbing
 _op("cat", "concat", functions=(torch.cat, torch.concat, torch.concatenate),
@@ -326,13 +339,16 @@ _op("adaptive_max_pool", "pooling", modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMa
     signature=("input", "output_size"), attrs=("output_size",),
     normalize=_per_dim("output_size"))
 _RED = ("input", "dim", "keepdim")
-for _kind, _fn in (("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax),
-                   ("amin", torch.amin), ("prod", torch.prod), ("var", torch.var),
-                   ("std", torch.std)):
+# sums and moments accumulate (fp32-sensitive); a max or min is exact in any precision
+for _kind, _fn, _props in (("mean", torch.mean, (_FP32,)), ("sum", torch.sum, (_FP32,)),
+                           ("amax", torch.amax, ()), ("amin", torch.amin, ()),
+                           ("prod", torch.prod, (_FP32,)), ("var", torch.var, (_FP32,)),
+                           ("std", torch.std, (_FP32,))):
     _op(_kind, "reduction", functions=(_fn,), methods=(_kind,), aten=(_kind,), signature=_RED,
-        defaults={"keepdim": False}, attrs=("dim", "keepdim"), normalize=_dims_as_tuple)
+        defaults={"keepdim": False}, attrs=("dim", "keepdim"), normalize=_dims_as_tuple,
+        props=_props)
 _op("cumsum", "reduction", functions=(torch.cumsum,), methods=("cumsum",), aten=("cumsum",),
-    signature=("input", "dim"), attrs=("dim",))
+    signature=("input", "dim"), attrs=("dim",), props=(_FP32,))
 
 # ---------------------------------------------------------------- no-ops in inference
 _op("dropout", "dropout",
@@ -341,7 +357,8 @@ _op("dropout", "dropout",
                torch.dropout),
     aten=("dropout", "native_dropout", "feature_dropout", "alpha_dropout"),
     signature=("input", "p", "training", "inplace"),
-    defaults={"p": 0.5, "training": True, "inplace": False}, attrs=("p",), pure=False)
+    defaults={"p": 0.5, "training": True, "inplace": False}, attrs=("p",),
+    effects=Effects.RANDOM)  # random in training; remove_dropout is what removes an eval one
 _op("identity", "identity", modules=(nn.Identity,), aten=("alias",))
 # torch.export checks dtype/device after casts; a check has effects, so it is not pure
-_op("assert_metadata", "check", aten=("_assert_tensor_metadata",), pure=False)
+_op("assert_metadata", "check", aten=("_assert_tensor_metadata",), effects=Effects.SIDE_EFFECT)

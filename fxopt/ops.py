@@ -15,19 +15,29 @@ classes, functions, Tensor methods and ATen packets it covers, the names of its
 arguments (one positional order shared by all forms), which arguments are parameters,
 and how to count its MACs. A node the table does not know has kind ``"opaque"``: fxopt
 never guesses what an unknown op does.
+
+What passes may *do* with an op is data on its entry too: a ``Category`` (an enum, so a typo
+fails at registration), ``Prop`` flags read with ``has_prop`` / ``kinds_with``, and the
+``Effects`` that ``effects(node)`` reports to ``dce``, ``cse`` and ``fold_constants`` alike
+(see ``fxopt/op_props.py``).
 """
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from fxopt.errors import SpecError
+from fxopt.op_props import CATEGORY_PROPS, Category, Effects, Prop, inferred_effects, writes_input
 
 OPAQUE = "opaque"
 
@@ -41,10 +51,14 @@ class OpDef:
     ``params`` are the arguments that hold weights; ``attrs`` the hyper-parameters.
     ``module_attrs`` maps a canonical attribute to the module attribute holding it when
     the names differ (``{"normalized_shape": "normalized_shape"}`` is implied).
+    ``category`` is a ``Category`` (or its string value); ``props`` adds ``Prop`` flags to the
+    category's defaults (``CATEGORY_PROPS``); ``effects`` is what the op does besides computing
+    its result (``Effects.RANDOM`` for dropout). In-place forms (``relu_``, ``inplace=True``) add
+    ``Effects.INPLACE`` by themselves, and ``Prop.MAY_ALIAS`` adds ``Effects.ALIAS``.
     """
 
     kind: str
-    category: str
+    category: Category
     modules: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
@@ -55,9 +69,28 @@ class OpDef:
     attrs: tuple[str, ...] = ()
     module_attrs: dict[str, str] = field(default_factory=dict)
     macs: Callable[[OpView], int] | None = None
-    pure: bool = True
+    props: frozenset[Prop] = frozenset()
+    effects: Effects = Effects.PURE
     # brings ``attrs`` of every form to one spelling (conv ``stride=2`` -> ``(2, 2)``)
     normalize: Callable[[dict[str, Any], OpView], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        category = _enum_value(Category, self.category, f"op {self.kind!r}: category")
+        props = frozenset(_enum_value(Prop, p, f"op {self.kind!r}: property") for p in self.props)
+        object.__setattr__(self, "category", category)
+        object.__setattr__(self, "props", props | CATEGORY_PROPS.get(category, frozenset()))
+
+
+def _enum_value(enum_type: type, value: Any, what: str) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        names = [str(m) for m in enum_type]
+        close = difflib.get_close_matches(str(value), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError(
+            f"{what} {value!r} is not one of fxopt's: {hint}use one of {', '.join(names)}"
+        ) from None
 
 
 OP_TABLE: list[OpDef] = []
@@ -84,6 +117,41 @@ def register_op(entry: OpDef) -> OpDef:
     for name in entry.aten:
         _BY_ATEN[name] = entry
     return entry
+
+
+def unregister_op(entry: OpDef) -> None:
+    """Remove ``entry`` from the table; targets it had taken over go back to earlier entries.
+
+    Example::
+
+        entry = register_op(OpDef("swish", "activation", functions=(my_swish,)))
+        unregister_op(entry)
+    """
+    if not any(e is entry for e in OP_TABLE):
+        raise KeyError(f"op {entry.kind!r}: this entry is not registered")
+    kept = [e for e in OP_TABLE if e is not entry]
+    OP_TABLE.clear()
+    for index in (_BY_MODULE, _BY_FUNCTION, _BY_METHOD, _BY_ATEN):
+        index.clear()
+    for e in kept:
+        register_op(e)
+
+
+@contextmanager
+def registered(*entries: OpDef) -> Iterator[tuple[OpDef, ...]]:
+    """Register ``entries`` for the duration of a ``with`` block (tests, experiments).
+
+    Example::
+
+        with registered(OpDef("my_norm", "norm", functions=(my_norm,))):
+            fxopt.optimize(model, (x,), "half")
+    """
+    done = tuple(register_op(e) for e in entries)
+    try:
+        yield done
+    finally:
+        for e in reversed(done):
+            unregister_op(e)
 
 
 def _aten_keys(target: Any) -> list[str]:
@@ -172,7 +240,7 @@ class OpView:
         self.node = node
         self.entry, self.form = lookup(node)
         self.kind = self.entry.kind if self.entry else OPAQUE
-        self.category = self.entry.category if self.entry else OPAQUE
+        self.category = self.entry.category if self.entry else Category.OPAQUE
         self.module = (
             _owning_module(node).get_submodule(node.target) if node.op == "call_module" else None
         )
@@ -434,19 +502,57 @@ def count_kinds(gm: fx.GraphModule) -> Counter:
     )
 
 
-def is_pure(node: fx.Node) -> bool:
-    """False for ops with side effects or randomness, in-place ops, and unknown ops."""
+def has_prop(node_or_view: fx.Node | OpView, prop: Prop) -> bool:
+    """Whether the op table gives the op of ``node_or_view`` property ``prop`` (False for
+    placeholders, outputs, attributes and ops the table does not know).
+
+    Example::
+
+        has_prop(node, Prop.COMMUTATIVE)        # True for add and mul
+    """
+    if isinstance(node_or_view, OpView):
+        entry = node_or_view.entry
+    elif node_or_view.op.startswith("call"):
+        entry = lookup(node_or_view)[0]
+    else:
+        entry = None
+    return entry is not None and prop in entry.props
+
+
+def kinds_with(prop: Prop) -> frozenset[str]:
+    """The op kinds whose table entries have ``prop``.
+
+    >>> sorted(kinds_with(Prop.COMMUTATIVE))
+    ['add', 'mul']
+    """
+    return frozenset(e.kind for e in OP_TABLE if prop in e.props)
+
+
+def effects(node: fx.Node) -> Effects:
+    """What running ``node`` does besides computing its result: the op table's word for a
+    tabled op, ATen's for other torch ops (``fxopt.op_props.inferred_effects``), and
+    ``UNKNOWN`` for what neither describes. Graph inputs and outputs are ``SIDE_EFFECT``.
+
+    Example::
+
+        dead = [n for n in gm.graph.nodes if not n.users and effects(n).removable_if_unused]
+    """
     if node.op in ("placeholder", "output"):
-        return False
+        return Effects.SIDE_EFFECT
     if node.op == "get_attr":
-        return True
-    if is_inplace(node):
-        return False
+        return Effects.PURE
     entry, _ = lookup(node)
-    return bool(entry and entry.pure)
+    if entry is None:
+        return inferred_effects(node)
+    found = entry.effects
+    if Prop.MAY_ALIAS in entry.props:
+        found |= Effects.ALIAS
+    return found | (Effects.INPLACE if writes_input(node) else Effects.PURE)
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+def is_pure(node: fx.Node) -> bool:
+    """``effects(node).pure``: False for random, in-place, checking and unknown ops."""
+    return effects(node).pure
 
 
 def is_inplace(node: fx.Node) -> bool:
@@ -457,24 +563,7 @@ def is_inplace(node: fx.Node) -> bool:
 
         [n.name for n in gm.graph.nodes if fxopt.ops.is_inplace(n)]   # ['add_']
     """
-    target = node.target
-    if node.op == "call_method":
-        return target.endswith("_") and not target.endswith("__")
-    if node.op == "call_module":
-        return bool(getattr(_owning_module(node).get_submodule(target), "inplace", False))
-    if node.op != "call_function":
-        return False
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
-    if node.kwargs.get("inplace") is True:
-        return True
-    try:
-        if target in _INPLACE_OPERATORS:
-            return True
-    except TypeError:  # unhashable target
-        return False
-    name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
+    return Effects.INPLACE in effects(node)
 
 
 # The table itself lives in its own file; importing it fills OP_TABLE.

@@ -8,21 +8,20 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxopt.ops import is_pure, kind_of, op_of
+from fxopt.ops import effects, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.builtin_rules import NOOP_RULES
 
 
 @register_pass("dce", Semantics.EXACT)
 def dce(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remove nodes whose results are never used, then unused submodules and tensors."""
+    """Remove nodes whose results are never used and whose ``fxopt.ops.effects`` say they may
+    go (not random, in-place, a check, or unknown), then unused submodules and tensors."""
     removed = 0
     for node in reversed(list(gm.graph.nodes)):
         if node.op in ("placeholder", "output") or node.users:
             continue
-        if node.op == "get_attr" or is_pure(node) or kind_of(node) == "dropout" or (
-            _checks_dead_value(node)
-        ):
+        if effects(node).removable_if_unused or _checks_dead_value(node):
             gm.graph.erase_node(node)
             removed += 1
     dropped = drop_unused_attributes(gm) if removed else 0

@@ -2,75 +2,22 @@
 
 ``fold_constants`` computes once every subgraph that depends only on parameters, buffers
 and literals (weight re-parametrisations, ``weight * scale``, ``arange``-based masks) and
-stores the result as a buffer. ``cse`` merges identical pure nodes. Random and in-place
-ops are never folded or merged.
+stores the result as a buffer. ``cse`` merges identical pure nodes. Both ask
+``fxopt.ops.effects`` (as ``dce`` does), so random, in-place and unknown ops are never folded
+or merged, and what they fold away ``dce`` would remove too.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fxopt.ops import OPAQUE, fetch_attr, fresh_attr, is_inplace, is_pure, lookup, op_of
+from fxopt.op_props import Effects
+from fxopt.ops import effects, fetch_attr, fresh_attr, is_inplace
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.cleanup import drop_unused_attributes
-
-# Names that are random or stateful even when the op table does not list them.
-_NEVER = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
-          "bernoulli", "multinomial", "normal", "poisson", "uniform", "uniform_", "normal_",
-          "dropout", "empty", "empty_like", "empty_strided", "manual_seed", "seed"}
-
-# Python operators on tensors, by the ATen op they call (add, mul, getitem... are in the table).
-_OPERATORS = {"gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne",
-              "and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor",
-              "invert": "bitwise_not", "floordiv": "floor_divide", "mod": "remainder"}
-# Op categories whose result may share storage with an input (views, no-op casts) - and
-# unknown ops, which might.
-_MAY_ALIAS = {"shape", "layout", "index", "split", "broadcast", "cast", "identity", OPAQUE}
-
-
-@functools.cache
-def _aten_packet_is_deterministic(name: str) -> bool:
-    packet = getattr(torch.ops.aten, name, None)
-    if packet is None:
-        return False
-    for overload in packet.overloads():
-        op = getattr(packet, overload)
-        if torch.Tag.nondeterministic_seeded in op.tags or op._schema.is_mutable:
-            if not overload.endswith("out"):
-                return False
-    return True
-
-
-def is_deterministic_pure(node: fx.Node) -> bool:
-    """Pure per the op table, or an untabled torch op ATen marks neither random nor mutating."""
-    if node.op in ("placeholder", "output"):
-        return False
-    if is_inplace(node):
-        return False
-    if is_pure(node):
-        return True
-    entry, _ = lookup(node)
-    if entry is not None:
-        return False  # the table says impure (dropout)
-    target = node.target
-    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-        name = target._schema.name.split("::")[-1]
-        return target.namespace == "aten" and name not in _NEVER and \
-            _aten_packet_is_deterministic(name)
-    if node.op == "call_method":
-        name = str(target)
-    elif node.op == "call_function" and getattr(target, "__module__", "") in ("torch",
-                                                                            "torch.functional"):
-        name = getattr(target, "__name__", "")
-    elif node.op == "call_function" and getattr(target, "__module__", "") == "_operator":
-        name = _OPERATORS.get(getattr(target, "__name__", ""), "")
-    else:
-        return False
-    return name not in _NEVER and _aten_packet_is_deterministic(name)
 
 
 def written_values(gm: fx.GraphModule) -> set[fx.Node]:
@@ -81,7 +28,7 @@ def written_values(gm: fx.GraphModule) -> set[fx.Node]:
     for node in gm.graph.nodes:
         if not node.op.startswith("call"):
             continue
-        if is_inplace(node) or op_of(node).category in _MAY_ALIAS:
+        if effects(node) & (Effects.INPLACE | Effects.ALIAS):
             for a in node.all_input_nodes:
                 alias.setdefault(node, set()).add(a)
                 alias.setdefault(a, set()).add(node)
@@ -126,7 +73,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext, *,
         if node.op == "get_attr":
             env[node] = fetch_attr(gm, node.target)
         elif node.op.startswith("call") and all(a in env for a in node.all_input_nodes):
-            if not is_deterministic_pure(node):
+            if not effects(node).foldable:
                 continue
             try:
                 env[node] = _evaluate(gm, node, env)
@@ -159,7 +106,7 @@ def _erase_dead(gm: fx.GraphModule) -> None:
     for node in reversed(list(gm.graph.nodes)):
         if node.op in ("placeholder", "output") or node.users:
             continue
-        if node.op == "get_attr" or is_deterministic_pure(node):
+        if effects(node).removable_if_unused:
             gm.graph.erase_node(node)
 
 
@@ -195,7 +142,7 @@ def cse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if node in written or any(a in written for a in node.all_input_nodes):
             continue  # a read before an in-place write and one after it differ
-        if node.op != "get_attr" and not is_deterministic_pure(node):
+        if not effects(node).cse_safe:
             continue
         try:
             key = (node.op, _key(node.target), _key(node.args), _key(node.kwargs))

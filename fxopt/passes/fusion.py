@@ -13,11 +13,10 @@ import numbers
 import torch
 import torch.fx as fx
 
-from fxopt.ops import OpView, fetch_attr, kind_of, op_of
+from fxopt.op_props import Prop
+from fxopt.ops import OpView, fetch_attr, has_prop, kind_of, kinds_with, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.cleanup import drop_unused_attributes
-
-FOLD_INTO = ("conv", "conv_transpose", "linear")
 
 
 def _call_view(node: object) -> OpView | None:
@@ -32,9 +31,9 @@ def _channel_dim(producer: OpView) -> int:
 
 def _why_not_foldable(producer: OpView | None, consumer: fx.Node) -> str | None:
     """Reason the producer cannot absorb a per-channel transform, or None if it can."""
-    if producer is None or producer.kind not in FOLD_INTO:
+    if producer is None or not has_prop(producer, Prop.FOLD_INTO):
         kind = producer.kind if producer else getattr(consumer.args[0], "op", "a constant")
-        return f"input is {kind}, not conv/conv_transpose/linear"
+        return f"input is {kind}, not {'/'.join(sorted(kinds_with(Prop.FOLD_INTO)))}"
     node = producer.node
     if len(node.users) > 1:
         others = sorted(u.name for u in node.users if u is not consumer)
@@ -195,10 +194,10 @@ def _fold_one_affine(node: fx.Node) -> bool:
     if view.kind not in _AFFINE or view.arg("alpha", 1) != 1:
         return False
     a, b = view.arg("input"), view.arg("other")
-    if view.kind in ("mul", "add") and _call_view(b) is not None and _call_view(a) is None:
+    if has_prop(view, Prop.COMMUTATIVE) and _call_view(b) is not None and _call_view(a) is None:
         a, b = b, a  # const * conv -> conv * const
     producer = _call_view(a)
-    if producer is None or producer.kind not in FOLD_INTO:
+    if producer is None or not has_prop(producer, Prop.FOLD_INTO):
         return False
     if _why_not_foldable(producer, node) is not None or producer.out_shape is None:
         return False

@@ -2,11 +2,13 @@
 
 Every float op is assigned a precision:
 
-* **half** — conv, conv_transpose, linear, matmul, attention, scaled_dot_product and
-  embedding always run in the target dtype; their float weights are converted in place.
-* **fp32 islands** (``policy="default"``) — softmax, log_softmax, the norms, reductions
-  (sum, mean, std, var, prod, cumsum), exp, log and pow, anything named in ``keep_fp32``
-  and, with calibration data, any op whose values exceed ``65504 / 4`` (fp16 only).
+* **half** — ops the table marks ``Prop.HALF_COMPUTE`` (conv, conv_transpose, linear,
+  matmul, attention, scaled_dot_product, embedding) always run in the target dtype; their
+  float weights are converted in place.
+* **fp32 islands** (``policy="default"``) — ops the table marks ``Prop.FP32_SENSITIVE``
+  (softmax, log_softmax, every norm, the sum/mean/std/var/prod/cumsum reductions, exp, log
+  and pow), anything named in ``keep_fp32`` and, with calibration data, any op whose values
+  exceed ``65504 / 4`` (fp16 only). ``Prop.FP32_ONLY`` ops stay fp32 under any policy.
 * **follow** — every other op (activations, add, shape plumbing, ...) runs in fp32 when
   one of its inputs comes from an fp32 op (so adjacent fp32 ops form one island with no
   casts between them), else in half.
@@ -38,7 +40,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.errors import SpecError
-from fxopt.ops import fetch_attr, lookup, model_bytes, op_of
+from fxopt.op_props import Prop
+from fxopt.ops import fetch_attr, has_prop, lookup, model_bytes, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.quant.select import matches
 from fxopt.verify import Tolerance
@@ -52,49 +55,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 POLICIES = ("default", "none")
-# ops worth running in half precision: they hold the weights and the MACs
-HALF_KINDS = frozenset(
-    {"conv", "conv_transpose", "linear", "matmul", "attention", "scaled_dot_product", "embedding"}
-)
-# ops whose range or accumulation needs fp32 (the mixed-precision "deny list")
-FP32_KINDS = frozenset(
-    {
-        "softmax",
-        "log_softmax",
-        "layer_norm",
-        "group_norm",
-        "batch_norm",
-        "rms_norm",
-        "sum",
-        "mean",
-        "cumsum",
-        "exp",
-        "log",
-        "pow",
-        "std",
-        "var",
-        "prod",
-    }
-)
-# ops with no fp16/bf16 CPU kernel in torch 2.13; none found among the op table's kinds
-# (conv, conv_transpose, norms, pools, attention, activations all run), kept as the hook
-CPU_FP32_KINDS: frozenset[str] = frozenset()
-# plumbing: never reported as compute in the stats
-_PLUMBING = frozenset(
-    {
-        "shape",
-        "layout",
-        "index",
-        "split",
-        "concat",
-        "shape_query",
-        "cast",
-        "broadcast",
-        "identity",
-        "dropout",
-        "check",
-    }
-)
 FP16_MAX = 65504.0
 OVERFLOW_MARGIN = 4.0
 _HALF, _FP32 = "half", "fp32"
@@ -200,8 +160,7 @@ def _is_cast(node: fx.Node) -> bool:
 
 
 def _is_compute(node: fx.Node) -> bool:
-    entry, _ = lookup(node)
-    return entry is None or entry.category not in _PLUMBING
+    return not has_prop(node, Prop.PLUMBING)
 
 
 def _has_float_state(mod: nn.Module) -> bool:
@@ -239,12 +198,12 @@ def _assign_once(gm, keep, policy, forced, pinned) -> dict:
         if (
             node in pinned
             or node.name in forced
-            or view.kind in CPU_FP32_KINDS
+            or has_prop(view, Prop.FP32_ONLY)
             or _kept(node, view.kind, keep)
-            or (policy == "default" and view.kind in FP32_KINDS)
+            or (policy == "default" and has_prop(view, Prop.FP32_SENSITIVE))
         ):
             precision[node] = _FP32
-        elif view.kind in HALF_KINDS:
+        elif has_prop(view, Prop.HALF_COMPUTE):
             precision[node] = _HALF
         elif node.op == "call_module" and not view.known and _has_float_state(view.module):
             precision[node] = _FP32

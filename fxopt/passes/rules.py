@@ -30,11 +30,11 @@ import torch
 import torch.fx as fx
 
 from fxopt.capture import annotate
-from fxopt.ops import OpView, _aten_name, fetch_attr, kind_of, op_of
+from fxopt.op_props import Prop
+from fxopt.ops import OpView, _aten_name, fetch_attr, has_prop, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 
 MISSING = object()
-COMMUTATIVE = ("add", "mul")
 
 
 @dataclass
@@ -257,7 +257,7 @@ class _State:
         gview = op_of(gvalue)
         if gview.kind != pview.kind:
             return self.fail(pnode, gvalue, f"expected {pview.kind}, found {gview.kind}")
-        attempts = [False, True] if pview.kind in COMMUTATIVE else [False]
+        attempts = [False, True] if has_prop(pview, Prop.COMMUTATIVE) else [False]
         best: tuple[int, NoMatch] | None = None
         for swap in attempts:
             snap = self.snapshot()

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.ops import fresh_attr, op_of
+from fxopt.op_props import Prop
+from fxopt.ops import fresh_attr, has_prop, op_of
 from fxopt.quant import qdq  # noqa: F401  (registers fxopt::dequantize_int32)
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.select import layer_name, matches
 
 _FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
-_WEIGHTED = {"conv", "linear"}
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax"
     weights = 0
     values: dict[fx.Node, set[fx.Node] | None] = {}  # value -> consumers to rewire (None: all)
     for i, node in enumerate(chosen):
-        kind = op_of(node).kind
-        if kind in _WEIGHTED:
+        if has_prop(node, Prop.WEIGHT_QUANT):
             node = chosen[i] = _functional(gm, node)
             weights += _quantize_weight(gm, node, weight_observer, per_channel)
         for a in _activation_inputs(node):
@@ -185,7 +184,7 @@ def quantize_biases(gm: fx.GraphModule) -> int:
     """
     done = 0
     for node in list(gm.graph.nodes):
-        if node.op == "output" or op_of(node).kind not in _WEIGHTED:
+        if not has_prop(node, Prop.WEIGHT_QUANT):
             continue
         view = op_of(node)
         x, w, b = view.input, view.param_node("weight"), view.param_node("bias")
@@ -254,7 +253,7 @@ def _is_float(node: fx.Node) -> bool:
 
 def _activation_inputs(node: fx.Node) -> list[fx.Node]:
     view = op_of(node)
-    if view.kind in _WEIGHTED:
+    if has_prop(view, Prop.WEIGHT_QUANT):
         x = view.input
         return [x] if isinstance(x, fx.Node) and _is_float(x) else []
     params = {view.param_node(p) for p in ("weight", "bias")}

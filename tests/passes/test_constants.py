@@ -17,9 +17,8 @@ from torch import nn
 
 import fxopt
 from fxopt import PassManager, zoo
-from fxopt.ops import count_kinds, is_inplace, kind_of, op_of
+from fxopt.ops import count_kinds, is_inplace, is_pure, kind_of, op_of
 from fxopt.passes.base import REGISTRY, PassContext
-from fxopt.passes.constants import is_deterministic_pure
 from fxopt.verify import EXACT, compare_outputs
 
 MODES = ("symbolic", "export")
@@ -65,7 +64,7 @@ def _constant_ops(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in live for a in node.all_input_nodes):
             live.add(node)
-        elif node.op.startswith("call") and is_deterministic_pure(node):
+        elif node.op.startswith("call") and is_pure(node):
             value = node.meta.get("shape")
             if value is not None:  # tensor-valued (sizes and dtypes are Python values)
                 out.append(node.name)
@@ -81,7 +80,7 @@ def _pure_duplicates(gm: fx.GraphModule) -> list[tuple[str, str]]:
     seen: dict = {}
     dups = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr" or (node.op.startswith("call") and is_deterministic_pure(node)):
+        if node.op == "get_attr" or (node.op.startswith("call") and is_pure(node)):
             key = (node.op, str(node.target), str(node.args), str(node.kwargs))
             if key in seen:
                 dups.append((seen[key], node.name))
@@ -529,7 +528,7 @@ def test_cse_keeps_random_and_in_place_ops(how, mode) -> None:
 
 def test_cse_and_fold_constants_classify_ops_through_the_op_table_and_aten() -> None:
     gm = fx.symbolic_trace(Duplicates("expression"))
-    kinds = {n.name: is_deterministic_pure(n) for n in gm.graph.nodes}
+    kinds = {n.name: is_pure(n) for n in gm.graph.nodes}
     assert kinds == {
         "x": False,
         "relu": True,
@@ -540,10 +539,10 @@ def test_cse_and_fold_constants_classify_ops_through_the_op_table_and_aten() -> 
         "output": False,
     }
     mask = fx.symbolic_trace(CausalAttention("arange"))
-    pure = {n.name: is_deterministic_pure(n) for n in mask.graph.nodes if n.op == "call_function"}
+    pure = {n.name: is_pure(n) for n in mask.graph.nodes if n.op == "call_function"}
     assert pure["gt"] is True and pure["arange"] is True
     rnd = fx.symbolic_trace(Random("rand_like"))
-    assert not any(is_deterministic_pure(n) for n in rnd.graph.nodes if "rand" in n.name)
+    assert not any(is_pure(n) for n in rnd.graph.nodes if "rand" in n.name)
     assert all(
         op_of(n).kind != "opaque"
         for n in fx.symbolic_trace(CausalAttention("triu")).graph.nodes

@@ -13,9 +13,10 @@ from torch import nn
 
 import fxopt
 import fxopt.passes.half  # noqa: F401 - registers the pass
-from fxopt import zoo
+from fxopt import ops, zoo
 from fxopt.errors import SpecError
-from fxopt.ops import kind_of
+from fxopt.op_props import Prop
+from fxopt.ops import OpDef, kind_of
 from fxopt.passes.base import Pass, PassContext
 from fxopt.verify import Tolerance, compare_outputs
 
@@ -98,6 +99,40 @@ def test_islands_run_in_fp32(zoo_case, name):
         for node in fp32:
             for a in node.all_input_nodes:
                 assert not (_is_cast(a) and a.args[1] != torch.float32)
+
+
+def my_norm(x: torch.Tensor) -> torch.Tensor:
+    """A norm fxopt has never heard of: fp16 sums of squares overflow where fp32 ones do not."""
+    return x / (x.pow(2).sum(-1, keepdim=True) / x.shape[-1] + 1e-5).sqrt()
+
+
+torch.fx.wrap("my_norm")
+
+
+class UsesMyNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(my_norm(self.up(x)))
+
+
+def _my_norm_precision() -> tuple[str, torch.dtype]:
+    x = torch.randn(3, 8)
+    res = fxopt.optimize(UsesMyNorm().eval(), (x,), "half(dtype=fp16)")
+    (node,) = [n for n in res.module.graph.nodes if n.target is my_norm]
+    fp32 = node.name in _half_stats(res)["fp32_nodes"]
+    return ("fp32" if fp32 else "half"), node.meta["dtype"]
+
+
+def test_a_registered_norm_op_stays_fp32_with_no_other_change():
+    assert _my_norm_precision() == ("half", torch.float16)  # opaque: follows its half input
+    with ops.registered(OpDef("my_norm", "norm", functions=(my_norm,))) as (entry,):
+        assert Prop.FP32_SENSITIVE in entry.props  # from its category alone
+        assert _my_norm_precision() == ("fp32", torch.float32)
+    assert all(e.kind != "my_norm" for e in ops.OP_TABLE)  # the registration is gone again
+    assert _my_norm_precision() == ("half", torch.float16)
 
 
 def test_policy_none_keeps_nothing_in_fp32(zoo_case):
