@@ -33,8 +33,8 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import LoweringError
 from fxopt.lowering import (
     Artifact,
+    assert_artifact_matches,
     check_replaceable,
-    compare_outputs,
     destination,
     run_module,
     write_folder,
@@ -145,7 +145,7 @@ def lower(
         safetensors.torch.save_file(to_save, str(tmp / "weights.safetensors"), {"format": "pt"})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
         art = load(tmp)
-        compare_outputs(run_module(art.module, inputs, "the rebuilt module"), reference)
+        assert_artifact_matches(reference, run_module(art.module, inputs, "the rebuilt module"))
         return art
 
     art = write_folder(dest, write, FILES)
