@@ -223,10 +223,8 @@ class _DynamicProbe(fx.Interpreter):
 
     def run_all(self, batches: Sequence[tuple], active: set[fx.Node]) -> list:
         self.active = active
-        codegen = self.module.graph._codegen
-        with torch.no_grad():
-            return [codegen.process_outputs(self.run(*codegen.process_inputs(*b)))
-                    for b in batches]
+        with torch.no_grad():  # run() flattens inputs and rebuilds outputs as gm(*b) does
+            return [self.run(*b) for b in batches]
 
 
 def _skip_keys(nodes: list[fx.Node]) -> dict[fx.Node, str]:
