@@ -1,6 +1,7 @@
 """Dynamic int8 in ONNX Runtime: fxopt's ``quantize(scheme=dynamic_int8)`` (every linear,
-and with a skip list chosen by measurement) vs ONNX Runtime's own ``quantize_dynamic``,
-both against the float export, for speed and for agreement with float PyTorch.
+and with the accuracy budget ``budget=``, which keeps the layers that hurt most per MAC in
+float) vs ONNX Runtime's own ``quantize_dynamic``, both against the float export, for speed
+and for agreement with float PyTorch.
 
 Run:  .venv/bin/python benchmarks/quant_dynamic.py   (rewrites the section "quant-dynamic"
 of benchmarks/RESULTS.md; 2.5-5 minutes on two shared cores)
@@ -18,22 +19,24 @@ per_channel=True)``, its other options at their defaults; *b'* the same with
 also writes; *c* ``fxopt.optimize(model, inputs, "default", mode="export")`` (MiniLM with
 a dynamic sequence, ``dynamic_dims={0: [1], 1: [1]}``), ``quantize(scheme=dynamic_int8)``
 on that float graph, then ``fxopt.lower(..., "onnx", opset=<a's opset>)`` (dynamic batch,
-and sequence for MiniLM); *d* the same with ``quantize(scheme=dynamic_int8,skip=[...])``,
-the list chosen by the rule below; *e*, *f*: *c*, *d* lowered with ``dynamic=False``
-(static shapes, like *a* and *b*), to separate the cost of dynamic shapes from that of the
-int8 kernels (*d* and *f* are left out where the rule keeps every layer quantized).
-fxopt's own checks (the quantize pass's tolerance in ``optimize``, ONNX Runtime vs the
+and sequence for MiniLM); *d* the same with ``quantize(scheme=dynamic_int8, budget=...)``,
+the budget rule below; *e*, *f*: *c*, *d* lowered with ``dynamic=False`` (static shapes,
+like *a* and *b*), to separate the cost of dynamic shapes from that of the int8 kernels
+(*d* and *f* are left out where the budget keeps every layer quantized). fxopt's own
+checks (the quantize pass's verification tolerance in ``optimize``, ONNX Runtime vs the
 GraphModule in ``lower``) run at their defaults first; where one refuses, the notes say so
 and the step is redone with a looser tolerance, so that the row can still be measured.
 
-Skip rule (*d*), measured on 16 *other* sentences (zoo: four other seeded batches), never
-on the reported ones: quantize each linear layer alone with fxopt's eager kernel (which
-computes what ORT's integer kernels compute) and record its damage, 1 - mean cosine vs
-float; rank layers by damage per multiply-accumulate (a big layer kept float costs more
-speed); keep layers float one at a time down that ranking until the worst selection item
-reaches cosine 0.995 (``SELECT_TARGET``: half of the 0.01 budget kept as margin), passing
-over layers that would push the float share above 25% of all linear MACs
-(``MAX_FLOAT_SHARE``).
+Budget rule (*d*): the library's own ``Pass("quantize", scheme="dynamic_int8",
+budget=worst_item_reaches_target, metric=mean_item)``, run with the 16 *other* sentences
+(zoo: four other seeded batches) as its example inputs and calibration batches, never
+the reported ones: the pass quantizes each linear layer alone with fxopt's eager kernel
+(which computes what ORT's integer kernels compute) and records its damage, 1 - mean item
+cosine vs float; ranks layers by damage per multiply-accumulate (a big layer kept float
+costs more speed); and keeps layers float one at a time down that ranking until the worst
+selection item reaches cosine 0.995 (``SELECT_TARGET``: half of the 0.01 budget kept as
+margin). Its stats (``kept_float``, the metric before and after, the ranking) are the
+notes below.
 
 Timing: all files are opened with one ``onnxruntime.SessionOptions`` (ORT_ENABLE_ALL,
 ``intra_op_num_threads`` = each ``--threads`` value, inter-op 1, CPU provider) and timed
@@ -94,10 +97,7 @@ from fxopt import zoo
 from fxopt.bench import compare_latency
 from fxopt.errors import LoweringError, PassError
 from fxopt.lowering.onnx_export import quiet
-from fxopt.ops import op_of
 from fxopt.passes.base import Pass
-from fxopt.quant.dynamic import OP as INT8_LINEAR
-from fxopt.quant.dynamic import apply_dynamic_int8
 from fxopt.verify import Tolerance, random_like_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -115,8 +115,7 @@ MODELS = ("transformer", "gqa", "minilm")
 QUICK_MODELS = ("transformer",)
 ROW_MARK = "quant-dynamic-row-json: "
 TARGET = 0.99  # the issue's bar for agreement with float
-SELECT_TARGET = 0.995  # what the skip rule aims for on its own sentences
-MAX_FLOAT_SHARE = 0.25  # of all linear MACs, at most, kept float by the rule
+SELECT_TARGET = 0.995  # what the budget rule aims for on its own sentences
 TIE = 0.03  # speed differences below this are called a tie (see _verdict)
 INT8_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger",
                 "DynamicQuantizeLinear")
@@ -129,7 +128,7 @@ VARIANTS = {  # key: (letter, label)
     "ortq": ("b", "ORT quantize_dynamic (QInt8, per-channel)"),
     "ortq_mm": ("b'", "b, MatMul only"),
     "fx": ("c", "fxopt int8, all linears"),
-    "fx_skip": ("d", "fxopt int8, measured skip list"),
+    "fx_skip": ("d", "fxopt int8, budget= (layers kept float)"),
     "fx_static": ("e", "c with static shapes"),
     "fx_skip_static": ("f", "d with static shapes"),
 }
@@ -248,72 +247,44 @@ def load_case(name: str) -> Case:
                 lower_dims={0: {1: "seq"}, 1: {1: "seq"}}, plain_kwargs={"dynamo": True})
 
 
-# --------------------------------------------------------------------------- skip rule
+# --------------------------------------------------------------------------- budget rule
 def _reference(case: Case, batches: list[tuple]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [_first(case.model(*b)) for b in batches]
 
 
-def _eager_cosines(case: Case, gm, batches: list[tuple], refs: list[torch.Tensor]) -> list:
+def _items(case: Case, batches: list[tuple], reference: list, outputs: list) -> list[float]:
+    return [c for b, r, o in zip(batches, reference, outputs)
+            for c in case.items(_first(r), _first(o), b)]
+
+
+def _eager_items(case: Case, gm, batches: list[tuple]) -> list[float]:
     with torch.no_grad():
-        return [c for b, r in zip(batches, refs) for c in case.items(r, _first(gm(*b)), b)]
+        return _items(case, batches, [case.model(*b) for b in batches], [gm(*b) for b in batches])
 
 
-def _quantized(float_gm, **kw):
-    gm = copy.deepcopy(float_gm)
-    apply_dynamic_int8(gm, **kw)
-    return gm
-
-
-def layer_table(float_gm) -> list[dict]:
-    """Every layer dynamic_int8 would quantize: its skip key (the module path, or the node
-    name where several nodes share one), module path and MACs at the captured shapes."""
-    gm = _quantized(float_gm)
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is INT8_LINEAR]
-    paths = [str(n.meta.get("fxopt_module_path") or n.name) for n in nodes]
-    shared = {p for p in paths if paths.count(p) > 1}
-    out = []
-    for n, p in zip(nodes, paths):
-        key = n.name.removesuffix("_int8") if p in shared else p
-        out.append({"key": key, "show": f"{p} ({key})" if p in shared else p,
-                    "macs": op_of(n).macs()})
-    return out
-
-
-def choose_skip(case: Case, float_gm, layers: list[dict]) -> dict:
-    """The skip rule of the module docstring, on ``case.select_batches``."""
+def budget_pass(case: Case) -> Pass:
+    """The budget rule (*d*): fxopt's own ``quantize(scheme=dynamic_int8, budget=...)``,
+    ranking by the mean item cosine and stopping once the worst item reaches
+    ``SELECT_TARGET``, on ``case.select_batches`` (the probe batches of the pass)."""
     batches = case.select_batches
-    refs = _reference(case, batches)
-    base = _eager_cosines(case, _quantized(float_gm), batches, refs)
-    for layer in layers:
-        cos = _eager_cosines(case, _quantized(float_gm, only=[layer["key"]]), batches, refs)
-        layer["damage"] = 1.0 - statistics.fmean(cos)
-    total = sum(lay["macs"] for lay in layers) or 1
-    ranked = sorted(layers, key=lambda lay: lay["damage"] / max(lay["macs"], 1), reverse=True)
-    skip: list[dict] = []
-    path = [(0, min(base), statistics.fmean(base))]
-    for layer in ranked:
-        if path[-1][1] >= SELECT_TARGET or layer["damage"] <= 0:
-            break
-        if (sum(s["macs"] for s in skip) + layer["macs"]) / total > MAX_FLOAT_SHARE:
-            continue
-        skip.append(layer)
-        cos = _eager_cosines(case, _quantized(float_gm, skip=[s["key"] for s in skip]),
-                             batches, refs)
-        path.append((len(skip), min(cos), statistics.fmean(cos)))
-    return {"skip": [s["key"] for s in skip],
-            "float_share": sum(s["macs"] for s in skip) / total,
-            "reached": path[-1][1] >= SELECT_TARGET, "path": path,
-            "ranked": [(lay["show"], lay["damage"], lay["macs"] / total) for lay in ranked],
-            "n_layers": len(layers), "n_select": len(base)}
+
+    def mean_item(reference: list, outputs: list) -> float:
+        return statistics.fmean(_items(case, batches, reference, outputs))
+
+    def worst_item_reaches_target(reference: list, outputs: list) -> bool:
+        return min(_items(case, batches, reference, outputs)) >= SELECT_TARGET
+
+    return Pass("quantize", scheme="dynamic_int8", budget=worst_item_reaches_target,
+                metric=mean_item, probe_batches=len(batches) - 1)
 
 
 # --------------------------------------------------------------------------- building files
-def _quantize(float_gm, inputs: tuple, skip: list[str], notes: list[str], label: str):
+def _quantize(float_gm, inputs: tuple, p: Pass, notes: list[str], label: str,
+              calibration: list | None = None):
     def run(tolerance):
-        return fxopt.optimize(float_gm, inputs,
-                              [Pass("quantize", scheme="dynamic_int8", skip=skip)],
-                              tolerance=tolerance)
+        return fxopt.optimize(float_gm, inputs, [p], tolerance=tolerance,
+                              calibration=calibration)
     try:
         res = run(None)
     except PassError as e:
@@ -381,18 +352,30 @@ def build_files(case: Case, tmp: Path, info: dict) -> dict[str, Path]:
     float_gm = fxopt.optimize(case.model, case.inputs, "default", mode="export",
                               **capture).module
     info["capture_s"] = time.perf_counter() - t
-    layers = layer_table(float_gm)
+
     t = time.perf_counter()
-    info["rule"] = choose_skip(case, float_gm, layers)
+    sel = case.select_batches
+    gm_d, stats_d, ok_d = _quantize(float_gm, sel[0], budget_pass(case), notes, "d",
+                                    calibration=sel[1:])
     info["rule_s"] = time.perf_counter() - t
-    skip = info["rule"]["skip"]
+    built = {"fx_skip": (gm_d, stats_d, ok_d, time.perf_counter() - t)}
+    t = time.perf_counter()
+    gm_c, stats_c, ok_c = _quantize(float_gm, case.inputs,
+                                    Pass("quantize", scheme="dynamic_int8"), notes, "c")
+    built["fx"] = (gm_c, stats_c, ok_c, time.perf_counter() - t)
+    items = [_eager_items(case, g, sel) for g in (gm_c, gm_d)]
+    info["rule"] = {"kept": stats_d["kept_float"], "float_share": stats_d["float_mac_share"],
+                    "ranked": stats_d["sensitivity"], "n_select": len(items[0]),
+                    "n_layers": len(stats_c["quantized"]),
+                    "mean": (stats_d["metric_before"], stats_d["metric_after"]),
+                    "worst": [min(i) for i in items]}
 
     lower_kw = {"opset": opset}
     if case.lower_dims:
         lower_kw["dynamic_dims"] = case.lower_dims
-    for key, sk in (("fx", []), ("fx_skip", skip)) if skip else (("fx", []),):
+    for key in ("fx", "fx_skip") if stats_d["kept_float"] else ("fx",):
+        gm, stats, q_ok, prep = built[key]
         t = time.perf_counter()
-        gm, stats, q_ok = _quantize(float_gm, case.inputs, sk, notes, VARIANTS[key][0])
         if key == "fx" and case.items is _per_sentence:
             notes.append(_padding_note(case, gm))
         info.setdefault("stats", {})[key] = {
@@ -400,7 +383,7 @@ def build_files(case: Case, tmp: Path, info: dict) -> dict[str, Path]:
             "bytes": (stats["weight_bytes_before"], stats["weight_bytes_after"])}
         files[key] = tmp / f"{key}.onnx"
         ok = _lower(gm, case.inputs, files[key], notes, VARIANTS[key][0], **lower_kw)
-        info["prep_s"][key] = time.perf_counter() - t
+        info["prep_s"][key] = prep + time.perf_counter() - t
         t, static = time.perf_counter(), f"{key}_static"
         files[static] = tmp / f"{static}.onnx"
         ok_static = _lower(gm, case.inputs, files[static], notes, VARIANTS[static][0],
@@ -560,7 +543,7 @@ def _table_row(r: dict, key: str) -> str:
     head = f"| {r['model']} | {letter}. {label}"
     if v is None:
         same = "c" if key == "fx_skip" else "e"
-        return f"{head} | = {same} (the rule kept every layer quantized) | | | | | | | | |"
+        return f"{head} | = {same} (the budget kept every layer quantized) | | | | | | | | |"
     vs_ortq = "—"
     if key != "ortq" and key != "fp32":
         rs = v["rounds_ortq"]
@@ -584,22 +567,20 @@ def _op_diff(a: dict, b: dict) -> str:
 
 def _rule_note(r: dict) -> str:
     rule = r["rule"]
-    top = "; ".join(f"{k} {d:.1e} ({share * 100:.1f}% of MACs)"
-                    for k, d, share in rule["ranked"][:8])
-    walk = ", ".join(f"{k}: {lo:.4f}" for k, lo, _ in rule["path"])
-    if not rule["skip"]:
-        chosen = (f"nothing skipped: with every layer quantized the worst of the "
-                  f"{rule['n_select']} selection items is already at {rule['path'][0][1]:.5f}"
+    top = "; ".join(f"{k} {d:.1e} ({m / 1e6:.1f} M MACs)" for k, d, m in rule["ranked"][:8])
+    (mean0, mean1), (worst0, worst1) = rule["mean"], rule["worst"]
+    if not rule["kept"]:
+        chosen = (f"nothing kept float: with every layer quantized the worst of the "
+                  f"{rule['n_select']} selection items is already at {worst0:.5f}"
                   f" ≥ {SELECT_TARGET}")
     else:
-        chosen = (f"kept float ({len(rule['skip'])} of {rule['n_layers']} layers, "
-                  f"{rule['float_share'] * 100:.1f}% of linear MACs): "
-                  f"`{', '.join(rule['skip'])}`; worst selection item by layers kept float: "
-                  f"{walk}" + ("" if rule["reached"] else
-                               f" (target {SELECT_TARGET} not reached within the "
-                               f"{MAX_FLOAT_SHARE:.0%} MAC budget)"))
-    return (f"**{r['model']}** skip rule ({r['rule_s']:.0f} s): {chosen}. Highest damage "
-            f"per MAC: {top}.")
+        chosen = (f"kept float {len(rule['kept'])} of {rule['n_layers']} layers "
+                  f"({rule['float_share'] * 100:.1f}% of linear MACs): "
+                  f"`{', '.join(rule['kept'])}`; on the selection items, worst cosine "
+                  f"{worst0:.5f} -> {worst1:.5f}, mean {mean0:.5f} -> {mean1:.5f}")
+    return (f"**{r['model']}** budget rule (the quantize pass with the budget, "
+            f"{r['rule_s']:.0f} s including its sensitivity sweep): {chosen}. Highest damage "
+            f"per MAC (1 - mean item cosine with the layer alone quantized): {top}.")
 
 
 def _reading(rows: list[dict]) -> str:
@@ -618,9 +599,10 @@ def _reading(rows: list[dict]) -> str:
                 f"dynamic shapes (c {_verdict(fx)}; e {_verdict(st)}).")
         if "fx_skip" in v:
             f = v["fx_skip_static"]
-            text += (f" The skip list trades {st['prof']['int8'] - f['prof']['int8']:.3f} ms "
-                     f"of int8 kernel time for {f['prof']['float_mm'] - st['prof']['float_mm']:.3f}"
-                     f" ms of float matmul (f vs e, profiled).")
+            text += (f" The budget's float layers trade "
+                     f"{st['prof']['int8'] - f['prof']['int8']:.3f} ms of int8 kernel time for "
+                     f"{f['prof']['float_mm'] - st['prof']['float_mm']:.3f} ms of float "
+                     "matmul (f vs e, profiled).")
         if r.get("ort_gather_int8"):
             text += (f" b also stores {r['ort_gather_int8']} embedding table(s) in 8 bits "
                      "(Gather of 8-bit rows, then DequantizeLinear), which fxopt's dynamic_int8 "
@@ -684,18 +666,22 @@ def _targets(rows: list[dict]) -> str:
                         "not the same, so the matmuls are quantized differently too."))
         if "fx_skip" in v:
             d = v["fx_skip"]
-            text += (f" With the measured skip list (d): cosine ≥ {TARGET} on every item: "
+            text += (f" With the budget (d): cosine ≥ {TARGET} on every item: "
                      f"{'yes' if d['cos_min'] >= TARGET else 'no'}; agreement "
                      f"{_compare_cos(d, ortq)}; speed vs ORT's: d {_verdict(d)}, f "
                      f"{_verdict(v['fx_skip_static'])}; vs fp32 {d['vs_fp32']:.3f}x "
-                     f"(c: {fx['vs_fp32']:.3f}x).")
+                     f"(c: {fx['vs_fp32']:.3f}x); latency cost of the budget against "
+                     f"quantizing everything: d {d['ms']:.3f} vs c {fx['ms']:.3f} ms "
+                     f"({d['ms'] / fx['ms']:.3f}x), f {v['fx_skip_static']['ms']:.3f} vs e "
+                     f"{st['ms']:.3f} ms ({v['fx_skip_static']['ms'] / st['ms']:.3f}x); ORT's "
+                     f"quantize_dynamic (b) {ortq['ms']:.3f} ms.")
         out.append(text)
     return " ".join(out)
 
 
 def _method() -> list[str]:
     """The method paragraphs of this module's docstring, as Markdown."""
-    keep = ("Models:", "Files,", "Skip rule", "Timing:", "Columns:")
+    keep = ("Models:", "Files,", "Budget rule", "Timing:", "Columns:")
     paras = [" ".join(p.split()) for p in __doc__.split("\n\n")]
     return [x for p in paras if p.startswith(keep)
             for x in (p.replace("``", "`").replace(" -- ", " — "), "")]
@@ -794,7 +780,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = {n: _timing(n, timing, args) for n in names}
     warnings.simplefilter("ignore")
     ort.set_default_logger_severity(3)
-    # torch captures, exports and runs the skip rule's eager sweeps here; ONNX Runtime's
+    # torch captures, exports and runs the budget rule's eager sweeps here; ONNX Runtime's
     # timed runs come after, with torch idle
     torch.set_num_threads(max(thread_counts))
 

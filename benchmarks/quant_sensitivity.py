@@ -3,7 +3,7 @@
 Run:  .venv/bin/python benchmarks/quant_sensitivity.py   (rewrites its section of RESULTS.md)
 
 For every zoo model: ``fxopt.optimize(model, inputs, "default,quantize(scheme=int8,
-target=ort,tolerance=T)", calibration=...)`` with T halfway between the fully quantized
+target=ort,budget=T)", calibration=...)`` with T halfway between the fully quantized
 model's output cosine and 1 (halve the error), so every model has something to give back.
 Calibration: the example inputs plus 7 seeded random batches like them; the budget is
 checked on the example inputs and 8 calibration batches. The table lists the cosine
@@ -39,7 +39,7 @@ def _row(name: str) -> str:
     budget = 1 - (1 - before) / 2
     start = time.perf_counter()
     res = fxopt.optimize(
-        model, inputs, f"default,quantize(scheme=int8,target=ort,tolerance={budget:.8f})",
+        model, inputs, f"default,quantize(scheme=int8,target=ort,budget={budget:.8f})",
         calibration=calibration)
     seconds = time.perf_counter() - start
     stats = next(r for r in res.report.to_dict() if r["name"] == "quantize")["stats"]

@@ -27,20 +27,36 @@ from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
 
 
-def calibrate(gm, batches, *, progress=True, max_batches=None) -> int:
+def calibrate(gm, batches, *, progress=None, max_batches=None) -> int:
     """Feed calibration ``batches`` (any iterable of input batches; a DataLoader works)
-    through a graph with observing fake-quant nodes, then freeze their scales.
+    through a graph with observing fake-quant nodes; returns how many batches it used.
+    It only observes: ``freeze_calibration(gm)`` then fixes the scales, and lowering
+    refuses a graph that is still observing. ``progress``: see ``fxopt.progress``.
 
     Example::
 
         fxopt.quant.static.prepare(gm, "ort")
         fxopt.calibrate(gm, loader, max_batches=32)
+        fxopt.freeze_calibration(gm)
     """
     from fxopt.quant import static
 
-    count = static.calibrate(gm, batches, progress=progress, max_batches=max_batches)
-    static.freeze(gm)
-    return count
+    return static.calibrate(gm, batches, progress=progress, max_batches=max_batches)
+
+
+def freeze_calibration(gm) -> int:
+    """Fix the scales of every observing fake-quant node from what calibration showed it
+    (``fxopt.quant.static.freeze``); returns how many were frozen.
+
+    Example::
+
+        fxopt.calibrate(gm, loader)
+        fxopt.freeze_calibration(gm)
+        fxopt.lower(gm, "onnx", (x,), path="out/model.onnx")
+    """
+    from fxopt.quant import static
+
+    return static.freeze(gm)
 
 
 def check_trt(model, trt_version: int = 10, dim_bounds=None):
@@ -75,6 +91,7 @@ __all__ = [
     "calibrate",
     "capture",
     "check_trt",
+    "freeze_calibration",
     "inspect",
     "load",
     "lower",

@@ -27,6 +27,10 @@ from torch import nn
 
 from fxopt.errors import FxoptError, SpecError
 
+# fxopt.lowering.onnx.DEFAULT_OPSET, restated so --help does not import ONNX Runtime
+# (tests/test_cli.py checks that the two agree)
+DEFAULT_OPSET = 20
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
     "half": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -274,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", help="zoo name, file.py:factory or package.module:factory")
         p.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
                        help="example input shape, e.g. 1,3,224,224 (repeat per input)")
-        p.add_argument("--mode", default="auto", choices=("auto", "symbolic", "export"))
+        p.add_argument("--mode", default="auto", choices=("auto", "symbolic", "export"),
+                       help="capture front end (default auto: symbolic, else torch.export)")
 
     p = sub.add_parser("inspect", help="print the node table and totals of a model")
     model_args(p)
@@ -284,23 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="run a pipeline and write an artifact")
     model_args(p)
-    p.add_argument("--pipeline", default="default", help="spec string or recipe.toml")
-    p.add_argument("--target", default="eager", help="artifact kind: eager or onnx")
+    p.add_argument("--pipeline", default="default",
+                   help="spec string or recipe.toml (default: the default pipeline)")
+    p.add_argument("--target", default="eager", help="artifact kind: eager or onnx (default eager)")
     p.add_argument("-o", "--output", required=True,
                    help="artifact path (for onnx: a .onnx file, or a folder to hold model.onnx)")
-    p.add_argument("--opset", type=int, help="ONNX opset (onnx target; default 18)")
+    p.add_argument("--opset", type=int, help=f"ONNX opset (onnx target; default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"),
                    help="ONNX exporter (onnx target; default auto)")
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
     p.add_argument("--calibration-batches", type=int, default=8, metavar="N",
-                   help="static int8: calibrate on the example and N-1 random batches like it")
+                   help="static int8: calibrate on the example and N-1 random batches like it "
+                        "(default 8)")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.set_defaults(fn=cmd_optimize)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser will reject "
                        "(exit 1 on a blocker)")
     p.add_argument("model", help="an .onnx file")
-    p.add_argument("--trt-version", type=int, default=10, choices=(10, 11))
+    p.add_argument("--trt-version", type=int, default=10, choices=(10, 11),
+                   help="TensorRT major version to check against (default 10)")
     p.add_argument("--bound", action="append", metavar="NAME=MIN,OPT,MAX",
                    help="bounds of a dynamic dimension, e.g. batch=1,8,32 (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -310,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_passes)
     sub.add_parser("zoo", help="list built-in models").set_defaults(fn=cmd_zoo)
     p = sub.add_parser("demo", help="optimize a zoo model end to end")
-    p.add_argument("--model", default="resnet")
-    p.add_argument("-o", "--output", default="demo-out")
+    p.add_argument("--model", default="resnet", help="zoo model (default resnet)")
+    p.add_argument("-o", "--output", default="demo-out",
+                   help="folder for the artifacts (default demo-out)")
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -319,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fxopt`` console script."""
     args = build_parser().parse_args(argv)
+    from fxopt.progress import show_progress
+
+    previous = show_progress(True)  # bars on a terminal, quiet in logs and pipes
     try:
         return args.fn(args)
     except FxoptError as e:
@@ -334,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxopt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        show_progress(previous)
 
 
 if __name__ == "__main__":

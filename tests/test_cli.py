@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import textwrap
 from pathlib import Path
@@ -175,7 +176,36 @@ def test_check_trt_exit_codes(capsys, tmp_path):
 def test_optimize_static_int8_to_onnx(capsys, tmp_path):
     code, out, err = run(capsys, "optimize", "resnet", "--pipeline",
                          "default,quantize(scheme=int8,target=ort)", "--target", "onnx",
-                         "-o", str(tmp_path / "q"), "--calibration-batches", "3")
+                         "-o", str(tmp_path / "q"), "--calibration-batches", "3",
+                         "--report-json", str(tmp_path / "report.json"))
     assert code == 0, err
-    assert "calibrating: batch 3/3" in err
+    # all 3 batches calibrated, shown as a tqdm bar on a terminal, not a line per batch
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert next(r for r in report if r["name"] == "quantize")["stats"][
+        "calibration_batches"] == 3
+    assert "calibrating" not in err
     assert fxopt.load(tmp_path / "q").manifest["verified"]
+
+
+def test_help_states_the_real_defaults(capsys):
+    from fxopt.cli import DEFAULT_OPSET, build_parser
+    from fxopt.lowering.onnx import DEFAULT_OPSET as LOWERING_OPSET
+    from fxopt.lowering.onnx import lower
+
+    assert DEFAULT_OPSET == LOWERING_OPSET == inspect.signature(lower).parameters["opset"].default
+    optimize = next(a for a in build_parser()._actions if a.dest == "command").choices["optimize"]
+    text = optimize.format_help()
+    assert f"default {LOWERING_OPSET})" in text and "default 18" not in text
+    for action in optimize._actions:
+        if action.default not in (None, False) and action.help and action.dest != "help":
+            assert str(action.default) in action.help or "default pipeline" in action.help, \
+                action.dest
+
+
+def test_optimize_prints_no_line_per_calibration_batch(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "mlp", "--pipeline",
+                         "default,quantize(scheme=int8)", "--calibration-batches", "5", "-o",
+                         str(tmp_path / "q"))
+    assert code == 0, err
+    assert "calibrating" not in err  # a tqdm bar on a terminal, nothing in a log
+    assert "[1/" in err  # the per-pass lines stay

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptError, LoweringError
+from fxopt.verify import Tolerance
 
 T = TypeVar("T")
 
@@ -113,7 +115,32 @@ def lower(
     backend = _BACKENDS.get(target) if isinstance(target, str) else None
     if backend is None:
         raise LoweringError(f"unknown target {target!r}; known targets: {', '.join(targets())}")
+    check_frozen(gm)
     return _backend_module(backend).lower(gm, example_inputs, path=path, **options)
+
+
+def check_frozen(gm: fx.GraphModule) -> None:
+    """Raise LoweringError if ``gm`` still holds fake-quant nodes that observe (calibrated
+    but not frozen) or train (QAT): their scales are not fixed, so no artifact would run
+    what ``gm`` will compute once they are.
+
+    >>> check_frozen(gm)  # doctest: +SKIP
+    """
+    if "fxopt.quant.fake_quant" not in sys.modules:
+        return  # no fake-quant node can exist yet (and ONNX stays unimported)
+    from fxopt.quant.fake_quant import FakeQuantize
+
+    open_fqs = {m.mode: p for p, m in gm.named_modules()
+                if isinstance(m, FakeQuantize) and m.mode in ("observe", "qat")}
+    if "observe" in open_fqs:
+        raise LoweringError(
+            f"fake-quant node {open_fqs['observe']} is still observing: the graph was "
+            "calibrated but its scales are not frozen; call fxopt.freeze_calibration(gm) "
+            "(fxopt.quant.static.freeze) after fxopt.calibrate(gm, batches), then lower")
+    if "qat" in open_fqs:
+        raise LoweringError(
+            f"fake-quant node {open_fqs['qat']} is in QAT mode; call "
+            "fxopt.quant.qat.freeze_qat(gm) after training, then lower")
 
 
 def load(path: str | os.PathLike, **options: Any) -> Artifact:
@@ -302,9 +329,20 @@ def run_module(module: Callable[..., Any], inputs: tuple, what: str) -> Any:
         raise LoweringError(f"{what} failed on the example inputs: {type(e).__name__}: {e}") from e
 
 
-def compare_outputs(got: Any, want: Any, rtol: float = 1e-6, atol: float = 1e-6) -> None:
-    """Raise LoweringError unless ``got`` matches ``want`` leaf by leaf (same structure;
-    floats within ``atol + rtol * max|want|``, NaNs in the same places; others exact)."""
+ARTIFACT_MATCH = Tolerance(rtol=1e-6, atol=1e-6)
+
+
+def assert_artifact_matches(want: Any, got: Any, tolerance: Tolerance = ARTIFACT_MATCH) -> None:
+    """Raise LoweringError unless the artifact's outputs ``got`` match the GraphModule's
+    ``want`` leaf by leaf (same structure; floats within ``atol + rtol * max|want|``, NaNs
+    in the same places; others exact). The arguments are in ``fxopt.verify.compare_outputs``
+    order; that one returns a report, this one raises.
+
+    Example::
+
+        assert_artifact_matches(gm(x), art(x))   # LoweringError if they differ
+    """
+    rtol, atol = tolerance.rtol, tolerance.atol
     g, g_spec = pytree.tree_flatten(got)
     w, w_spec = pytree.tree_flatten(want)
     if g_spec != w_spec:
@@ -333,7 +371,9 @@ __all__ = [
     "Artifact",
     "Backend",
     "check_replaceable",
-    "compare_outputs",
+    "ARTIFACT_MATCH",
+    "assert_artifact_matches",
+    "check_frozen",
     "destination",
     "load",
     "lower",

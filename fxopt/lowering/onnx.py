@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import Artifact, destination, onnx_export, run_module, write_files
+from fxopt.progress import stage
 from fxopt.verify import EXACT, QUANTIZED, Tolerance, compare_outputs, random_like_inputs
 
 FORMAT = "fxopt-onnx"
@@ -205,18 +206,20 @@ class _Job:
 
     def write(self, f: Path, exporter: str, failures: list[str]) -> Path:
         start = time.perf_counter()
-        model = onnx_export.export(
-            self.gm, _export_inputs(self.inputs, self.dims), exporter, opset=self.opset,
-            input_names=self.input_names, output_names=self.output_names,
-            dynamic_dims=self.dims)
-        stats = onnx_export.clean(model)
+        with stage(f"exporting to ONNX ({exporter}, opset {self.opset})"):
+            model = onnx_export.export(
+                self.gm, _export_inputs(self.inputs, self.dims), exporter, opset=self.opset,
+                input_names=self.input_names, output_names=self.output_names,
+                dynamic_dims=self.dims)
+            stats = onnx_export.clean(model)
         _check_opset(model, self.opset, exporter)
         manifest = self.manifest(exporter, stats, time.perf_counter() - start, failures)
         model.metadata_props["fxopt"] = json.dumps(manifest)
         _write_model(model, f, self.threshold)
         _check_model(f)
-        manifest["verified"] = _verify(f, self.checks, self.output_names, self.tolerance,
-                                       exporter)
+        with stage("verifying in ONNX Runtime"):
+            manifest["verified"] = _verify(f, self.checks, self.output_names, self.tolerance,
+                                           exporter)
         model.metadata_props["fxopt"] = json.dumps(manifest)
         _write_model(model, f, self.threshold)  # again, with the verified errors recorded
         return f

@@ -23,6 +23,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxopt.errors import SpecError
+from fxopt.verify import Tolerance
 
 
 class Semantics(str, Enum):
@@ -108,15 +109,19 @@ class Pass:
     """A registered pass with its arguments bound: ``Pass("prune", ratio=0.5)``.
 
     ``tolerance`` (a ``fxopt.verify.Tolerance``) overrides the semantics-class tolerance
-    for this pass alone; any other value goes to a pass that takes its own ``tolerance``
-    argument (``quantize(tolerance=0.999)``: an accuracy budget).
+    the manager verifies this pass with, and means nothing else; an accuracy target is a
+    pass argument of its own (``Pass("quantize", budget=0.999)``).
     """
 
-    def __init__(self, name: str, *, tolerance: Any = None, **params: Any):
+    def __init__(self, name: str, *, tolerance: Tolerance | None = None, **params: Any):
         self.info = lookup_pass(name)
         allowed = self.info.parameters
-        if tolerance is not None and not hasattr(tolerance, "rtol") and "tolerance" in allowed:
-            params["tolerance"], tolerance = tolerance, None
+        if tolerance is not None and not isinstance(tolerance, Tolerance):
+            hint = (f"; for an accuracy budget write {name}(budget={tolerance!r})"
+                    if "budget" in allowed else "")
+            raise SpecError(
+                f"pass {name!r}: tolerance= is the verification tolerance, a "
+                f"fxopt.verify.Tolerance(rtol=..., atol=...), not {tolerance!r}{hint}")
         unknown = [k for k in params if k not in allowed]
         if unknown:
             accepted = ", ".join(allowed) or "none"

@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.ops import effects, kind_of, op_of
-from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
-from fxopt.passes.builtin_rules import NOOP_RULES
+from fxopt.passes import builtin_rules  # noqa: F401  (registers the eliminate_noops pass)
+from fxopt.passes.base import REGISTRY, PassContext, PassResult, Semantics, register_pass
 
 
 @register_pass("dce", Semantics.EXACT)
@@ -107,10 +107,9 @@ def remove_identity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=removed > 0, stats={"removed": removed})
 
 
-def eliminate_noops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """The ``eliminate_noops`` rule set (fxopt/passes/builtin_rules.py) as a cleanup step."""
-    fired = NOOP_RULES.apply(gm, ctx.example_inputs)
-    return PassResult(gm, modified=bool(fired), stats={"removed": NOOP_RULES.by_kind(fired)})
+# the registered ``eliminate_noops`` pass itself (the rule set of builtin_rules.py), so the
+# pass and this cleanup step are one function with one stats shape: {"fired", "by_kind"}
+eliminate_noops = REGISTRY["eliminate_noops"].fn
 
 
 CLEANUP_PASSES = (remove_dropout, remove_identity, eliminate_noops, dce)
@@ -129,14 +128,22 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext, *, max_rounds: int = 10) -> Pa
             if res.modified:
                 round_modified = modified = True
                 gm.graph.lint()
-                n = res.stats.get("removed", 0)
-                n = sum(n.values()) if isinstance(n, dict) else n
+                n = _removed(res.stats)
                 name = fn.__name__
                 totals[name] = totals.get(name, 0) + n
         if not round_modified:
             break
     gm.recompile()
     return PassResult(gm, modified=modified, stats={"removed": totals})
+
+
+def _removed(stats: dict) -> int:
+    """How many nodes a cleanup step removed: ``removed`` (a count), or the op kinds a
+    rule set took out (``by_kind``)."""
+    if "by_kind" in stats:
+        return sum(stats["by_kind"].values())
+    n = stats.get("removed", 0)
+    return sum(n.values()) if isinstance(n, dict) else n
 
 
 @register_pass("flatten_modules", Semantics.EXACT)

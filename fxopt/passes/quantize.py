@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
 from fxopt.errors import QuantizationError
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.verify import QUANTIZED
+
+if TYPE_CHECKING:
+    from fxopt.quant.sensitivity import Budget
 
 SCHEMES = ("int8", "dynamic_int8", "int8_weight", "int4_weight")
 
@@ -39,41 +42,55 @@ def quantize(
     skip: Any = (),
     group_size: int = 128,
     max_batches: int | None = None,
-    tolerance: float | None = None,
+    budget: Budget | None = None,
     metric: Any = None,
     probe_batches: int = 8,
 ) -> PassResult:
     """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize).
 
-    With ``tolerance`` (int8), the layers the sensitivity analysis ranks worst go back to
-    float until ``metric`` (output cosine vs float, or ``metric(reference, outputs)``)
-    reaches it on the example inputs and up to ``probe_batches`` calibration batches."""
+    ``budget`` is the accuracy to keep (``int8`` and ``dynamic_int8``): a float floor for
+    ``metric`` (output cosine vs float by default, or ``metric(reference, outputs)``), or a
+    callable ``budget(reference, outputs) -> bool``, on the example inputs and up to
+    ``probe_batches`` calibration batches; the layers that hurt most (int8: by sensitivity;
+    dynamic_int8: by damage per MAC) stay float until it holds, listed in the stats as
+    ``kept_float``. Verification uses ``tolerance=`` like every other pass."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if budget is not None and scheme not in ("int8", "dynamic_int8"):
+        raise QuantizationError(
+            f"budget= works with scheme=int8 and scheme=dynamic_int8, not {scheme}; choose "
+            "the layers to leave in float with skip=[...]")
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     check_not_quantized(gm)
+    shown = ctx.options.get("progress")
+    data = ctx.calibration
+    if data is not None and iter(data) is data:  # a one-shot iterator: keep the batches
+        data = list(data)
     if scheme == "int8":
         from fxopt.quant import static
 
-        data = ctx.calibration
-        if data is not None and iter(data) is data:  # a one-shot iterator: keep the batches
-            data = list(data)
-        reference_gm = copy.deepcopy(gm) if tolerance is not None else None
+        reference_gm = copy.deepcopy(gm) if budget is not None else None
         stats = static.prepare(gm, target, observer=observer, weight_observer=weight_observer,
                                per_channel=per_channel, skip=skip)
         stats["calibration_batches"] = static.calibrate(
-            gm, data, max_batches=max_batches, progress=ctx.options.get("progress") or False)
+            gm, data, max_batches=max_batches, progress=shown)
         static.freeze(gm)
         if target == "ort":
             stats["int32_biases"] = static.quantize_biases(gm)
             stats["shared_pool_qparams"] = static.share_pooling_qparams(gm)
         if reference_gm is not None:
-            stats.update(_fall_back(gm, reference_gm, ctx, data, tolerance, metric,
+            stats.update(_fall_back(gm, reference_gm, ctx, data, budget, metric,
                                     probe_batches))
     elif scheme == "dynamic_int8":
         from fxopt.quant.dynamic import apply_dynamic_int8
 
-        stats = apply_dynamic_int8(gm, skip=skip, per_channel=per_channel)
+        kept: dict = {}
+        if budget is not None:
+            kept = _dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches, skip,
+                                      per_channel)
+        stats = apply_dynamic_int8(gm, skip=skip + kept.get("kept_float", []),
+                                   per_channel=per_channel)
+        stats.update(kept)
     else:
         from fxopt.quant.weight_only import apply_weight_only
 
@@ -85,20 +102,42 @@ def quantize(
     return PassResult(gm, modified=True, stats=stats)
 
 
-def _fall_back(gm, reference_gm, ctx, data, tolerance, metric, probe_batches) -> dict:
-    from fxopt.quant import sensitivity as sens
-
+def _probe_batches(ctx: PassContext, data, probe_batches: int) -> list[tuple]:
+    """The example inputs and up to ``probe_batches`` calibration batches (inputs only)."""
     n_inputs = len(ctx.example_inputs)
     batches = [tuple(ctx.example_inputs)]
-    for batch in itertools.islice(data, probe_batches):
+    for batch in itertools.islice(data or (), probe_batches):
         batch = batch if isinstance(batch, (tuple, list)) else (batch,)
         batches.append(tuple(batch)[:n_inputs])
+    return batches
+
+
+def _fall_back(gm, reference_gm, ctx, data, budget, metric, probe_batches) -> dict:
+    from fxopt.quant import sensitivity as sens
+
+    batches = _probe_batches(ctx, data, probe_batches)
     reference = sens.run_batches(reference_gm, batches)
-    result = sens.fallback(gm, batches, reference, tolerance=float(tolerance),
-                           metric=metric or sens.output_cosine)
+    result = sens.fallback(gm, batches, reference, budget=budget,
+                           metric=metric or sens.output_cosine,
+                           progress=ctx.options.get("progress"))
     return {"kept_float": result["kept_float"],
             "metric_before": result["metric_before"], "metric_after": result["metric_after"],
             "sensitivity": [(name, float(f"{err:.3g}")) for name, err in result["ranking"][:10]]}
+
+
+def _dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches, skip,
+                       per_channel) -> dict:
+    from fxopt.quant import sensitivity as sens
+
+    result = sens.dynamic_fallback(gm, _probe_batches(ctx, data, probe_batches),
+                                   budget=budget, metric=metric or sens.output_cosine,
+                                   skip=skip, per_channel=per_channel,
+                                   progress=ctx.options.get("progress"))
+    return {"kept_float": result["kept_float"],
+            "metric_before": result["metric_before"], "metric_after": result["metric_after"],
+            "float_mac_share": float(f"{result['float_mac_share']:.4g}"),
+            "sensitivity": [(name, float(f"{damage:.3g}"), macs)
+                            for name, damage, macs in result["ranking"][:10]]}
 
 
 def check_not_quantized(gm: fx.GraphModule) -> None:

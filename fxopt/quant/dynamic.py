@@ -220,6 +220,25 @@ def apply_dynamic_int8(
     }
 
 
+def candidate_layers(gm: fx.GraphModule, *, skip: Collection[str] = (),
+                     per_channel: bool = True, reduce_range: bool = False) -> dict:
+    """Every layer ``apply_dynamic_int8(gm, skip=skip)`` would quantize, with what its
+    kernel needs: ``{node: (x, weight, int8 weight [in, out], scale, bias)}``.
+
+    >>> list(candidate_layers(gm))  # doctest: +SKIP
+    [blocks_0_mlp_0, blocks_0_mlp_3, head]
+    """
+    out = {}
+    for node in gm.graph.nodes:
+        found = _candidate(node)
+        if found is None or found[3] is not None or matches(node, skip):
+            continue
+        x, weight, bias, _ = found
+        q, scale = quantize_weight(weight, per_channel, reduce_range)
+        out[node] = (x, weight, q.t().contiguous(), scale, bias)
+    return out
+
+
 def _candidate(node: fx.Node):
     """``(x, weight [out, in], bias, reason)`` for a layer this pass handles, else None.
     ``reason`` is None when the layer can be quantized."""

@@ -3,18 +3,23 @@
 ``sensitivity`` quantizes one layer at a time (every other fake-quant node switched off)
 and ranks layers by the error they add alone. ``fallback`` starts from the fully
 quantized graph and returns the most sensitive layers to float, one by one, until the
-metric (cosine similarity of the outputs with the float model's by default, or any
-``metric(reference, outputs) -> float``, higher is better) reaches ``tolerance``.
+budget holds: ``metric >= budget`` for a float budget (the metric is the cosine similarity
+of the outputs with the float model's by default, or any ``metric(reference, outputs) ->
+float``, higher is better), or ``budget(reference, outputs)`` true for a callable one.
+``dynamic_fallback`` does the same for dynamic int8, ranking layers by damage per
+multiply-accumulate (keeping a big layer in float costs more speed than a small one).
+Both walk the ranking with one loop (``_walk``).
 
 Example::
 
     ranking = sensitivity(qgm, batches, reference)      # [(layer, error), ...] worst first
-    kept = fallback(qgm, batches, reference, tolerance=0.999)
+    kept = fallback(qgm, batches, reference, budget=0.999)
+    kept = dynamic_fallback(float_gm, batches, budget=0.99)["kept_float"]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -22,11 +27,14 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import QuantizationError
+from fxopt.ops import op_of
+from fxopt.progress import Mode, bar
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.select import layer_name
 from fxopt.verify import cosine
 
 Metric = Callable[[list, list], float]
+Budget = float | Callable[[list, list], bool]
 
 
 def output_cosine(reference: list, outputs: list) -> float:
@@ -61,7 +69,8 @@ def layer_quantizers(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
 
 
 def sensitivity(gm: fx.GraphModule, batches: Sequence[tuple], reference: list,
-                metric: Metric = output_cosine) -> list[tuple[str, float]]:
+                metric: Metric = output_cosine, *,
+                progress: Mode = None) -> list[tuple[str, float]]:
     """Rank layers by the error each adds when it alone is quantized (worst first).
 
     >>> sensitivity(qgm, [(x,)], [float_model(x)])[:2]  # doctest: +SKIP
@@ -75,7 +84,8 @@ def sensitivity(gm: fx.GraphModule, batches: Sequence[tuple], reference: list,
     saved = {name: m.mode for name, m in modules.items()}
     scores = []
     try:
-        for node, fqs in layers.items():
+        for node, fqs in bar(layers.items(), "sensitivity", total=len(layers), unit="layer",
+                             progress=progress):
             mine = {n.target for n in fqs}
             for name, m in modules.items():
                 m.mode = saved[name] if name in mine else "off"
@@ -87,36 +97,143 @@ def sensitivity(gm: fx.GraphModule, batches: Sequence[tuple], reference: list,
 
 
 def fallback(gm: fx.GraphModule, batches: Sequence[tuple], reference: list, *,
-             tolerance: float, metric: Metric = output_cosine,
-             ranking: list[tuple[str, float]] | None = None) -> dict[str, Any]:
-    """Return the most sensitive layers to float until ``metric >= tolerance``; edits ``gm``.
+             budget: Budget, metric: Metric = output_cosine,
+             ranking: list[tuple[str, float]] | None = None,
+             progress: Mode = None) -> dict[str, Any]:
+    """Return the most sensitive layers of a static int8 graph to float until the budget
+    holds; edits ``gm``.
 
     Returns ``{"kept_float": [...], "metric_before": m0, "metric_after": m1,
-    "ranking": [...]}``. Raises QuantizationError if even all-float misses the tolerance.
+    "ranking": [...]}``. Raises QuantizationError if even all-float misses the budget.
 
-    >>> fallback(qgm, batches, reference, tolerance=0.999)["kept_float"]  # doctest: +SKIP
+    >>> fallback(qgm, batches, reference, budget=0.999)["kept_float"]  # doctest: +SKIP
     ['fc']
     """
-    ranking = ranking if ranking is not None else sensitivity(gm, batches, reference, metric)
-    before = current = metric(reference, run_batches(gm, batches))
-    kept: list[str] = []
+    ranking = (ranking if ranking is not None
+               else sensitivity(gm, batches, reference, metric, progress=progress))
     by_name = {name: n for n, name in _unique_names(layer_quantizers(gm)).items()}
-    for name, _ in ranking:
-        if current >= tolerance:
-            break
+
+    def keep(name: str) -> bool:
         node = by_name.get(name)
-        if node is None:
-            continue
-        _to_float(gm, node)
-        kept.append(name)
-        current = metric(reference, run_batches(gm, batches))
-    if current < tolerance:
+        if node is not None:
+            _to_float(gm, node)
+        return node is not None
+
+    result = _walk([name for name, _ in ranking], keep, lambda: run_batches(gm, batches),
+                   reference, budget, metric, progress)
+    return {**result, "ranking": ranking}
+
+
+def dynamic_fallback(gm: fx.GraphModule, batches: Sequence[tuple], *, budget: Budget,
+                     metric: Metric = output_cosine, skip: Collection[str] = (),
+                     per_channel: bool = True, progress: Mode = None) -> dict[str, Any]:
+    """Choose which linear layers dynamic int8 leaves in float so that the budget holds on
+    ``batches``; ``gm`` is the float graph and is not changed.
+
+    Each layer is quantized alone (fxopt's kernel, which computes what ONNX Runtime's
+    integer kernels compute) and its damage measured (the metric's value on the float
+    outputs minus its value with that layer quantized); layers are ranked by damage per
+    multiply-accumulate, and kept float down that ranking, from everything quantized,
+    until the budget holds. Returns ``{"kept_float": [...], "metric_before": m0,
+    "metric_after": m1, "ranking": [(layer, damage, macs), ...], "float_mac_share": s}``;
+    pass ``skip=[*skip, *kept_float]`` to ``apply_dynamic_int8``. Raises
+    QuantizationError when even all-float misses the budget.
+
+    >>> dynamic_fallback(gm, [(x,)], budget=0.99)["kept_float"]  # doctest: +SKIP
+    ['blocks.1.mlp.3']
+    """
+    from fxopt.quant.dynamic import candidate_layers
+
+    probe = _DynamicProbe(gm, candidate_layers(gm, skip=skip, per_channel=per_channel))
+    if not probe.layers:
+        raise QuantizationError("nothing to quantize: no linear layer outside skip= has a "
+                                "constant float weight")
+    names = _skip_keys(list(probe.layers))
+    reference = probe.run_all(batches, set())
+    ideal = metric(reference, reference)
+    damage, macs = {}, {}
+    for node in bar(list(probe.layers), "sensitivity (dynamic int8)", unit="layer",
+                    progress=progress):
+        damage[node] = ideal - metric(reference, probe.run_all(batches, {node}))
+        macs[node] = op_of(node).macs() or probe.layers[node][1].numel()
+    order = sorted(probe.layers, key=lambda n: damage[n] / max(macs[n], 1), reverse=True)
+    active = set(probe.layers)
+    by_name = {names[n]: n for n in order}
+
+    def keep(name: str) -> bool:
+        active.discard(by_name[name])
+        return True
+
+    result = _walk([names[n] for n in order], keep, lambda: probe.run_all(batches, active),
+                   reference, budget, metric, progress)
+    total = sum(macs.values()) or 1
+    kept_macs = sum(macs[by_name[name]] for name in result["kept_float"])
+    return {**result, "float_mac_share": kept_macs / total,
+            "ranking": [(names[n], damage[n], macs[n]) for n in order]}
+
+
+def _walk(order: list[str], keep: Callable[[str], bool], outputs: Callable[[], list],
+          reference: list, budget: Budget, metric: Metric, progress: Mode) -> dict[str, Any]:
+    """Keep layers float in ``order`` (``keep(name)`` returns False for one it cannot)
+    until the budget holds on ``outputs()``; the loop both fallbacks share."""
+    out = outputs()
+    before = current = metric(reference, out)
+    met = _met(budget, reference, out, current)
+    kept: list[str] = []
+    with bar(desc="keeping layers float", total=len(order), unit="layer",
+             progress=progress) as shown:
+        for name in order:
+            if met:
+                break
+            shown.update(1)
+            if not keep(name):
+                continue
+            kept.append(name)
+            out = outputs()
+            current = metric(reference, out)
+            met = _met(budget, reference, out, current)
+    if not met:
+        target = f"budget={budget}" if not callable(budget) else "the budget callable"
         raise QuantizationError(
-            f"the quantized model reaches {current:.6f}, below tolerance={tolerance} even with "
-            f"{len(kept)} layers kept in float; lower the tolerance or use a better observer "
+            f"the quantized model reaches {current:.6f}, below {target} even with "
+            f"{len(kept)} layers kept in float; lower the budget or use a better observer "
             "(observer=percentile|entropy|mse)")
-    return {"kept_float": kept, "metric_before": before, "metric_after": current,
-            "ranking": ranking}
+    return {"kept_float": kept, "metric_before": before, "metric_after": current}
+
+
+def _met(budget: Budget, reference: list, outputs: list, value: float) -> bool:
+    return bool(budget(reference, outputs)) if callable(budget) else value >= float(budget)
+
+
+class _DynamicProbe(fx.Interpreter):
+    """Runs the float graph with a chosen set of its linear layers computed by the dynamic
+    int8 kernel instead, without rewriting or copying the graph."""
+
+    def __init__(self, gm: fx.GraphModule, layers: dict[fx.Node, tuple]):
+        super().__init__(gm)
+        self.layers = layers  # node -> (x node, float weight, int8 weight [in,out], scale, bias)
+        self.active: set[fx.Node] = set()
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n not in self.active:
+            return super().run_node(n)
+        x, _, w_t, scale, bias = self.layers[n]
+        bias = self.env[bias] if isinstance(bias, fx.Node) else bias
+        return torch.ops.fxopt.dynamic_int8_linear(self.env[x], w_t, scale, bias)
+
+    def run_all(self, batches: Sequence[tuple], active: set[fx.Node]) -> list:
+        self.active = active
+        with torch.no_grad():  # run() flattens inputs and rebuilds outputs as gm(*b) does
+            return [self.run(*b) for b in batches]
+
+
+def _skip_keys(nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    """Names ``skip=`` matches each node by alone: its layer name, or its node name where
+    several nodes share one (function calls inside one block)."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[layer_name(node)] = counts.get(layer_name(node), 0) + 1
+    return {n: layer_name(n) if counts[layer_name(n)] == 1 else n.name for n in nodes}
 
 
 def _unique_names(layers: dict[fx.Node, list[fx.Node]]) -> dict[fx.Node, str]:

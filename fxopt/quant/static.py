@@ -23,8 +23,7 @@ Example::
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from torch import nn
 from fxopt.errors import QuantizationError
 from fxopt.op_props import Prop
 from fxopt.ops import fresh_attr, has_prop, op_of
+from fxopt.progress import Mode, bar
 from fxopt.quant import qdq  # noqa: F401  (registers fxopt::dequantize_int32)
 from fxopt.quant.fake_quant import FakeQuantize
 from fxopt.quant.select import layer_name, matches
@@ -127,13 +127,16 @@ def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax"
             "skipped": skipped, "activations": len(values), "weights": weights}
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable, *, progress: bool | Callable = True,
+def calibrate(gm: fx.GraphModule, batches: Iterable, *, progress: Mode = None,
               max_batches: int | None = None) -> int:
     """Run ``batches`` (tensors, tuples, or ``(inputs..., labels)`` from a DataLoader)
     through ``gm`` so its observers see real data; returns the number of batches used.
+    Only observes: ``freeze(gm)`` then fixes the scales (lowering refuses a graph that is
+    still observing). ``progress``: see ``fxopt.progress``.
 
-    >>> fxopt.calibrate(gm, loader, max_batches=32)  # doctest: +SKIP
+    >>> calibrate(gm, loader, max_batches=32)  # doctest: +SKIP
     32
+    >>> freeze(gm)  # doctest: +SKIP
     """
     if batches is None:
         raise QuantizationError(
@@ -144,20 +147,16 @@ def calibrate(gm: fx.GraphModule, batches: Iterable, *, progress: bool | Callabl
     if not observing:
         raise QuantizationError("nothing to calibrate: no observing fake-quant node "
                                 "(run fxopt.quant.static.prepare first)")
-    report = progress if callable(progress) else (_print_progress if progress else None)
-    total = _length(batches, max_batches)
     count = 0
-    with torch.no_grad():
+    with torch.no_grad(), bar(desc="calibrating", total=_length(batches, max_batches),
+                              unit="batch", progress=progress) as shown:
         for batch in batches:
             if max_batches is not None and count >= max_batches:
                 break
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
             gm(*tuple(inputs)[:n_inputs])
             count += 1
-            if report is not None:
-                report(f"calibrating: batch {count}" + (f"/{total}" if total else ""))
-    if report is _print_progress:
-        print(file=sys.stderr)
+            shown.update(1)
     if count == 0:
         raise QuantizationError("the calibration data was empty: pass at least one batch")
     return count
@@ -165,7 +164,12 @@ def calibrate(gm: fx.GraphModule, batches: Iterable, *, progress: bool | Callabl
 
 def freeze(gm: fx.GraphModule) -> int:
     """Turn every observing/QAT FakeQuantize into a fixed quantize-dequantize; returns how
-    many were frozen. Raises QuantizationError naming any observer that saw no data."""
+    many were frozen. Raises QuantizationError naming any observer that saw no data.
+    ``fxopt.freeze_calibration(gm)`` is the same step.
+
+    >>> calibrate(gm, batches); freeze(gm)  # doctest: +SKIP
+    12
+    """
     frozen = 0
     for path, fq in fake_quant_modules(gm).items():
         if fq.mode != "quantize" or fq.observer is not None:
@@ -372,6 +376,3 @@ def _length(batches: Iterable, limit: int | None) -> int | None:
         return limit
     return min(n, limit) if limit is not None else n
 
-
-def _print_progress(msg: str) -> None:
-    print(f"\r  {msg}", end="", file=sys.stderr, flush=True)

@@ -537,6 +537,8 @@ def test_eliminate_noops_is_a_rule_set_that_cleanup_uses(monkeypatch) -> None:
         r.name for r in noops}
     assert "eliminate_noops" in REGISTRY and "simplify" in REGISTRY
     assert cleanup.eliminate_noops in cleanup.CLEANUP_PASSES
+    # one eliminate_noops: cleanup's step is the registered pass, with its stats shape
+    assert cleanup.eliminate_noops is REGISTRY["eliminate_noops"].fn
 
     # a rule added to the set is applied by cleanup (and by the eliminate_noops pass)
     halve = Rule("test_mul_by_two_div_two", lambda x: x * 2 / 2, lambda x: x)
@@ -552,6 +554,9 @@ def test_eliminate_noops_is_a_rule_set_that_cleanup_uses(monkeypatch) -> None:
         if spec == "cleanup":
             assert record.stats["removed"]["eliminate_noops"] == 2
     assert record.stats["fired"] == {"test_mul_by_two_div_two": 1, "mul_by_one": 1}
+    step = cleanup.eliminate_noops(fxopt.capture(model, inputs, mode="symbolic"),
+                                   fxopt.PassContext(inputs))
+    assert set(step.stats) == set(record.stats) == {"fired", "by_kind"}
 
 
 # --------------------------------------------------------------------------- the engine

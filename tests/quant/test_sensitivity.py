@@ -38,7 +38,7 @@ def test_sensitivity_ranks_every_quantized_layer(zoo_model):
 
 
 @pytest.mark.parametrize("name", ["mobilenet", "transformer"])
-def test_tolerance_keeps_the_most_sensitive_layers_in_float_until_it_holds(zoo_model, name):
+def test_budget_keeps_the_most_sensitive_layers_in_float_until_it_holds(zoo_model, name):
     model, inputs = zoo_model(name)
     calib = [inputs, *_calibration(inputs)] if name != "transformer" else [inputs] * 3
     plain = fxopt.optimize(model, inputs, "default,quantize(scheme=int8,target=ort)",
@@ -47,7 +47,7 @@ def test_tolerance_keeps_the_most_sensitive_layers_in_float_until_it_holds(zoo_m
         before = cosine(model(*inputs), plain.module(*inputs))
     budget = 1 - (1 - before) / 2  # halve the error
     res = fxopt.optimize(model, inputs, [Pass("cleanup"), Pass("fold_bn"),
-                                         Pass("quantize", scheme="int8", tolerance=budget)],
+                                         Pass("quantize", scheme="int8", budget=budget)],
                          calibration=calib)
     stats = _stats(res)
     assert stats["kept_float"], stats
@@ -62,11 +62,11 @@ def test_a_user_metric_and_an_impossible_budget(zoo_model):
     def neg_max_error(reference, outputs):
         return -max((r - o).abs().max().item() for r, o in zip(reference, outputs))
 
-    res = fxopt.optimize(model, inputs, [Pass("quantize", scheme="int8", tolerance=-1e9,
+    res = fxopt.optimize(model, inputs, [Pass("quantize", scheme="int8", budget=-1e9,
                                               metric=neg_max_error)], calibration=[inputs])
     assert _stats(res)["kept_float"] == []
-    with pytest.raises(QuantizationError, match="below tolerance"):
-        fxopt.optimize(model, inputs, [Pass("quantize", scheme="int8", tolerance=1.5)],
+    with pytest.raises(QuantizationError, match="below budget"):
+        fxopt.optimize(model, inputs, [Pass("quantize", scheme="int8", budget=1.5)],
                        calibration=[inputs])
 
 

@@ -13,7 +13,8 @@ import torch.fx as fx
 from torch import nn
 
 import fxopt
-from fxopt.errors import QuantizationError
+import fxopt.progress
+from fxopt.errors import LoweringError, QuantizationError
 from fxopt.ops import op_of
 from fxopt.quant import static
 from fxopt.quant.fake_quant import FakeQuantize
@@ -127,16 +128,40 @@ def test_skip_keeps_named_layers_in_float(zoo_model):
     assert any(s.startswith("fc") for s in skipped) and any(s.startswith("stem") for s in skipped)
 
 
-def test_calibrate_api_with_a_dataloader_and_progress(zoo_model, capsys):
+def test_calibrate_api_with_a_dataloader_and_progress(zoo_model, capsys, tmp_path):
     model, inputs = zoo_model("resnet")
     gm = fxopt.optimize(model, inputs, "default").module
     static.prepare(gm, "ort")
     x = torch.randn(16, *inputs[0].shape[1:])
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, torch.zeros(16)), batch_size=4)
-    assert fxopt.calibrate(gm, loader) == 4
-    assert "calibrating: batch 4/4" in capsys.readouterr().err
+    assert fxopt.calibrate(gm, loader, progress="always") == 4
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "/4 [" in err  # a tqdm bar over 4 batches, asked for
+    # calibrate only observes; freezing is its own step, and lowering before it is refused
+    assert any(m.mode == "observe" for m in gm.modules() if isinstance(m, FakeQuantize))
+    with pytest.raises(LoweringError, match=r"still observing.*freeze_calibration\(gm\)"):
+        fxopt.lower(gm, "eager", inputs, path=tmp_path / "unfrozen")
+    assert not (tmp_path / "unfrozen").exists()
+    assert fxopt.freeze_calibration(gm) > 0
     assert all(m.mode == "quantize" for m in gm.modules() if isinstance(m, FakeQuantize))
+    fxopt.lower(gm, "eager", inputs, path=tmp_path / "frozen")
+
+
+def test_calibrate_is_quiet_unless_asked(zoo_model, capsys):
+    model, inputs = zoo_model("mlp")
+    gm = fxopt.optimize(model, inputs, "default").module
+    static.prepare(gm, "ort")
+    assert fxopt.calibrate(gm, [inputs] * 3) == 3
+    assert capsys.readouterr() == ("", "")
+    previous = fxopt.progress.show_progress("always")
+    try:
+        static.calibrate(gm, [inputs] * 2)
+    finally:
+        fxopt.progress.show_progress(previous)
+    assert "calibrating" in capsys.readouterr().err
+    static.calibrate(gm, [inputs] * 2, progress=True)  # a terminal only: not here
+    assert capsys.readouterr().err == ""
 
 
 def test_eager_artifact_runs_the_simulated_quantization_and_reloads(zoo_model, tmp_path):
