@@ -135,9 +135,8 @@ def _refresh(gm: fx.GraphModule) -> int:
         interp.env[node] = result
         node.meta.pop("tensor_meta", None)
         node.meta.pop(_VALUE, None)
-        meta = map_aggregate(result, _meta_of)
-        if any(isinstance(m, TensorMetadata) for m in pytree_leaves(meta)):
-            node.meta["tensor_meta"] = meta
+        if any(isinstance(v, torch.Tensor) for v in pytree_leaves(result)):
+            node.meta["tensor_meta"] = map_aggregate(result, _meta_of)
         node.meta["type"] = type(result)
         node.meta["device"] = str(result.device) if isinstance(result, torch.Tensor) else None
         if _is_small_value(result):
@@ -169,17 +168,22 @@ def _stand_in(node: fx.Node, mode: Any) -> Any:
     device = node.meta.get("device")
 
     def fake(m: Any) -> Any:
-        if not isinstance(m, TensorMetadata):
-            return m
-        with mode:
-            return torch.empty_strided(
-                m.shape, m.stride, dtype=m.dtype, device=device or "cpu",
-                requires_grad=m.requires_grad,
-            )
+        # TensorMetadata is a NamedTuple: test for it before the containers
+        if isinstance(m, TensorMetadata):
+            with mode:
+                return torch.empty_strided(
+                    m.shape, m.stride, dtype=m.dtype, device=device or "cpu",
+                    requires_grad=m.requires_grad,
+                )
+        if isinstance(m, (list, tuple)):
+            return type(m)(fake(v) for v in m)
+        if isinstance(m, dict):
+            return {k: fake(v) for k, v in m.items()}
+        return m
 
     if isinstance(meta, TensorMetadata) and not isinstance(device, str):
         raise _NeedsRealRun(node.name)
-    return map_aggregate(meta, fake)
+    return fake(meta)
 
 
 def _signature(gm: fx.GraphModule, node: fx.Node) -> Any:
@@ -299,17 +303,23 @@ def fresh_attr(root: nn.Module, base: str, *suffixes: str) -> str:
     return name
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of ``gm`` (graph, submodules, tensors and metadata).
+def copy_graph_module(gm: fx.GraphModule, share_tensors: bool = False) -> fx.GraphModule:
+    """A deep copy of ``gm`` (graph, submodules, tensors and metadata); with
+    ``share_tensors`` the parameter and buffer tensors are the same objects in both (a
+    copy that costs the structure only, for when nothing writes into them in place).
 
     Example::
 
         start = copy_graph_module(gm)   # survives any rewrite of gm
     """
+    memo: dict[int, Any] = {}
+    if share_tensors:
+        for t in [*gm.parameters(), *gm.buffers()]:
+            memo[id(t)] = t
     # deep-copying a pytree codegen trips torch's own LeafSpec deprecation warning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(gm, memo)
 
 
 # --------------------------------------------------------------------------- names

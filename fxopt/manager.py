@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxopt.capture import capture_with_outputs, normalize_inputs
+from fxopt.capture import capture, capture_with_outputs, normalize_inputs
 from fxopt.errors import PassError, SpecError
 from fxopt.graph_utils import annotate_run, copy_graph_module, human_count, refresh_metadata
 from fxopt.ops import op_of
@@ -196,13 +196,14 @@ class PassManager:
         inputs = normalize_inputs(example_inputs)
         return self._run(gm, inputs, reference, calibration, annotate_run(gm, inputs))
 
-    def _run(self, gm, inputs, reference, calibration, outputs) -> OptimizeResult:
-        """``outputs``: the graph's outputs from the run that just annotated it."""
+    def _run(self, gm, inputs, reference, calibration, outputs, rebuild=None) -> OptimizeResult:
+        """``outputs``: the graph's outputs from the run that just annotated it;
+        ``rebuild``: makes the starting graph again (optimize re-captures the model)."""
         original = outputs if reference is None else reference
         run = _Run(self, inputs, calibration)
         # the one copy verification needs: where "end" bisects from and where "each"
         # rebuilds a failing pass's input graph for attribution
-        run.start = copy_graph_module(gm) if self.mode != "off" else None
+        run.start = _Start(gm, rebuild) if self.mode != "off" else None
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
         meta = gm.meta.setdefault("fxopt", {})
@@ -267,6 +268,43 @@ class PassManager:
         return OptimizeResult(gm, run.report, original)
 
 
+class _Start:
+    """The graph a run started from, for replaying pipeline prefixes.
+
+    Passes replace tensors rather than write into them, so the copy shares the parameter
+    and buffer tensors (only the structure is copied). A pass that does write in place
+    (``module.to(dtype)``, ``copy_``) is caught by the fingerprint of each tensor; the
+    start is then made again by ``rebuild`` (optimize re-captures the model), or replay is
+    refused with an error that says so."""
+
+    def __init__(self, gm: fx.GraphModule, rebuild: Callable[[], fx.GraphModule] | None):
+        self.gm = copy_graph_module(gm, share_tensors=True)
+        self.prints = {id(t): (t, _fingerprint(t)) for t in [*self.gm.parameters(),
+                                                            *self.gm.buffers()]}
+        self.rebuild = rebuild
+
+    def intact(self) -> bool:
+        return all(_fingerprint(t) == f for t, f in self.prints.values())
+
+    def copy(self) -> fx.GraphModule:
+        """A private (fully deep) copy of the starting graph."""
+        if not self.intact():
+            if self.rebuild is None:
+                raise PassError(
+                    "cannot replay the pipeline: a pass wrote into the graph's weights in "
+                    "place, so the starting graph is gone; run with verify='each' to have "
+                    "every pass checked as it runs"
+                )
+            self.gm = self.rebuild()
+            self.prints = {id(t): (t, _fingerprint(t)) for t in [*self.gm.parameters(),
+                                                                *self.gm.buffers()]}
+        return copy_graph_module(self.gm)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.device, tuple(t.shape), t.data_ptr(), t._version)
+
+
 class _Run:
     """The state of one ``PassManager.run``: context, report, the starting copy."""
 
@@ -276,7 +314,7 @@ class _Run:
         self.calibration = calibration
         self.ctx = self.context()
         self.report = Report()
-        self.start: fx.GraphModule | None = None
+        self.start: _Start | None = None
 
     def context(self) -> PassContext:
         return PassContext(self.inputs, self.calibration,
@@ -323,7 +361,7 @@ class _Run:
     def replay(self, stop: int) -> fx.GraphModule:
         """The graph as it was before pass ``stop``: passes ``[0, stop)`` re-run on a copy of
         the starting graph."""
-        gm = copy_graph_module(self.start)
+        gm = self.start.copy()
         ctx = self.context()
         for i, p in enumerate(self.manager.passes[:stop]):
             done = [q.spec for q in self.manager.passes[:i]]
@@ -351,16 +389,25 @@ class _Run:
         if got is None:
             got = self._outputs(gm)
         tol = self._loosest(first, last)
-        if compare_outputs(want, got, tol).ok():
+        end = compare_outputs(want, got, tol)
+        if end.ok():
             return
-        lo, hi = first, last  # the prefix through ``hi`` fails
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if compare_outputs(want, self._outputs(self.replay(mid + 1)), tol).ok():
-                lo = mid + 1
-            else:
-                hi = mid
-        before, after = self.replay(lo), self.replay(lo + 1)
+        try:
+            lo, hi = first, last  # the prefix through ``hi`` fails
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if compare_outputs(want, self._outputs(self.replay(mid + 1)), tol).ok():
+                    lo = mid + 1
+                else:
+                    hi = mid
+            before, after = self.replay(lo), self.replay(lo + 1)
+        except PassError as e:
+            specs = ", ".join(p.spec for p in passes[first:last + 1])
+            raise PassError(
+                f"the end-of-pipeline check failed (max abs error {end.max_abs:.3g}, "
+                f"relative {end.rel:.3g}) after {specs}, and bisection could not name the "
+                f"pass: {e}"
+            ) from e
         got = self._outputs(after)
         own = self.manager.tolerance_for(passes[lo]) or EXACT
         cmp = compare_outputs(self._outputs(before), got, own)  # the "each" check
@@ -444,4 +491,8 @@ def optimize(
         return manager.run(copy_graph_module(model), inputs, calibration=calibration)
     # capture's annotating run already gave the graph's outputs: the manager starts from them
     gm, outputs = capture_with_outputs(model, inputs, mode=mode, **capture_options)
-    return manager._run(gm, inputs, None, calibration, outputs)
+
+    def rebuild() -> fx.GraphModule:
+        return capture(model, inputs, mode=mode, **{**capture_options, "check": False})
+
+    return manager._run(gm, inputs, None, calibration, outputs, rebuild)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.capture import annotate
+from fxopt.graph_utils import fresh_attr, refresh_metadata
 from fxopt.ops import OpView, _aten_name, fetch_attr, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 
@@ -204,9 +204,7 @@ def _as_graph_value(value: Any, graph: fx.Graph) -> Any:
     if isinstance(value, ParamRef):
         gm = graph.owning_module
         tensor = value.value
-        name = f"{value.node.name}_{value.name}_rule"
-        while hasattr(gm, name):
-            name += "_"
+        name = fresh_attr(gm, f"{value.node.name}_{value.name}_rule")
         gm.register_buffer(name, tensor)
         return graph.get_attr(name)
     return value
@@ -441,8 +439,8 @@ class RuleSet:
                 break
             gm.graph.lint()
             gm.recompile()
-            if example_inputs is not None:
-                annotate(gm, example_inputs)
+            if example_inputs is not None:  # only the rewritten nodes, on fake tensors
+                refresh_metadata(gm, example_inputs)
         return fired
 
     def by_kind(self, fired: dict[str, int]) -> dict[str, int]:
