@@ -107,24 +107,17 @@ class _NeedsRealRun(Exception):
 
 
 def _refresh(gm: fx.GraphModule) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     interp = fx.Interpreter(gm)
-    changed: set[fx.Node] = set()  # nodes whose shape/dtype differ after recomputation
     count = 0
     for node in gm.graph.nodes:
-        sig = _signature(gm, node)
-        stale = (
-            node.meta.get(_SIG) != sig
-            or any(a in changed for a in node.all_input_nodes)
-            or "type" not in node.meta
-        )
-        if not stale:
+        sig = _signature(gm, node)  # in graph order: the inputs' metadata are final
+        if node.meta.get(_SIG) == sig and "type" in node.meta:
             continue
         if node.op == "placeholder":
             raise _NeedsRealRun(node.name)  # inputs only change with the example inputs
-        old = (node.meta.get("shape"), node.meta.get("dtype"))
         count += 1
         for arg in node.all_input_nodes:
             if arg not in interp.env:
@@ -137,13 +130,12 @@ def _refresh(gm: fx.GraphModule) -> int:
         node.meta.pop(_VALUE, None)
         if any(isinstance(v, torch.Tensor) for v in pytree_leaves(result)):
             node.meta["tensor_meta"] = map_aggregate(result, _meta_of)
-        node.meta["type"] = type(result)
+        fake = isinstance(result, FakeTensor)
+        node.meta["type"] = torch.Tensor if fake else type(result)  # as the real run says
         node.meta["device"] = str(result.device) if isinstance(result, torch.Tensor) else None
         if _is_small_value(result):
             node.meta[_VALUE] = result
         _finish_node(gm, node, sig)
-        if (node.meta.get("shape"), node.meta.get("dtype")) != old:
-            changed.add(node)
     return count
 
 
@@ -187,8 +179,11 @@ def _stand_in(node: fx.Node, mode: Any) -> Any:
 
 
 def _signature(gm: fx.GraphModule, node: fx.Node) -> Any:
-    """Everything a node's output shape and dtype depend on, besides its inputs' metadata."""
-    args = map_arg((node.args, node.kwargs), lambda a: ("%", a.name))
+    """Everything a node's output metadata depend on: op, target (a module by its type,
+    configuration and weight shapes), constant arguments and the metadata of its inputs.
+    Inputs count by their metadata, not their names, so a node rewired to an equivalent
+    producer (a removed dropout, a folded no-op) keeps its metadata without a rerun."""
+    args = map_arg((node.args, node.kwargs), _input_key)
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         state = [(k, tuple(t.shape), t.dtype) for k, t in mod.state_dict(keep_vars=True).items()
@@ -200,6 +195,12 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> Any:
             return ("get_attr", tuple(value.shape), value.dtype, str(value.device))
         return ("get_attr", type(value))
     return (node.op, node.target, _frozen(args))
+
+
+def _input_key(node: fx.Node) -> Any:
+    if _VALUE in node.meta:
+        return ("%value", node.meta[_VALUE])
+    return ("%", node.meta.get("tensor_meta"), node.meta.get("device"), node.meta.get("type"))
 
 
 def _frozen(value: Any) -> Any:

@@ -271,33 +271,29 @@ class PassManager:
 class _Start:
     """The graph a run started from, for replaying pipeline prefixes.
 
-    Passes replace tensors rather than write into them, so the copy shares the parameter
-    and buffer tensors (only the structure is copied). A pass that does write in place
-    (``module.to(dtype)``, ``copy_``) is caught by the fingerprint of each tensor; the
-    start is then made again by ``rebuild`` (optimize re-captures the model), or replay is
+    With ``rebuild`` (optimize re-captures the model) nothing is copied up front: the
+    start is made again only when a replay is needed. Otherwise the copy shares the
+    parameter and buffer tensors (only the structure is copied), since passes replace
+    tensors rather than write into them; a pass that does write in place
+    (``module.to(dtype)``, ``copy_``) is caught by each tensor's fingerprint and replay is
     refused with an error that says so."""
 
     def __init__(self, gm: fx.GraphModule, rebuild: Callable[[], fx.GraphModule] | None):
-        self.gm = copy_graph_module(gm, share_tensors=True)
-        self.prints = {id(t): (t, _fingerprint(t)) for t in [*self.gm.parameters(),
-                                                            *self.gm.buffers()]}
         self.rebuild = rebuild
-
-    def intact(self) -> bool:
-        return all(_fingerprint(t) == f for t, f in self.prints.values())
+        self.gm = copy_graph_module(gm, share_tensors=True) if rebuild is None else None
+        tensors = [*self.gm.parameters(), *self.gm.buffers()] if self.gm is not None else []
+        self.prints = [(t, _fingerprint(t)) for t in tensors]
 
     def copy(self) -> fx.GraphModule:
         """A private (fully deep) copy of the starting graph."""
-        if not self.intact():
-            if self.rebuild is None:
-                raise PassError(
-                    "cannot replay the pipeline: a pass wrote into the graph's weights in "
-                    "place, so the starting graph is gone; run with verify='each' to have "
-                    "every pass checked as it runs"
-                )
-            self.gm = self.rebuild()
-            self.prints = {id(t): (t, _fingerprint(t)) for t in [*self.gm.parameters(),
-                                                                *self.gm.buffers()]}
+        if self.rebuild is not None:
+            return self.rebuild()
+        if not all(_fingerprint(t) == f for t, f in self.prints):
+            raise PassError(
+                "cannot replay the pipeline: a pass wrote into the graph's weights in "
+                "place, so the starting graph is gone; run with verify='each' to have "
+                "every pass checked as it runs, or use fxopt.optimize, which re-captures"
+            )
         return copy_graph_module(self.gm)
 
 
