@@ -116,6 +116,15 @@ def measure_cost(model: nn.Module, inputs: tuple, repeat: int) -> dict:
 
 
 def cost_section(repeat: int) -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: steadier ratios on a shared machine
+    try:
+        return _cost_section(repeat)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cost_section(repeat: int) -> str:
     entry = zoo.get("resnet50")
     model, inputs = entry.build(), entry.example_inputs()
     r50 = measure_cost(model, inputs, repeat)
