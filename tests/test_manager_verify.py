@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_manager import Net  # linear, relu, dropout, x * 1, linear
+from test_manager import _relu_to_sigmoid_in_place as _relu_to_sigmoid  # wrong on purpose
 from torch import nn
 
 import fxopt
 from fxopt import PassError, PassManager, PassResult, Semantics, SpecError
 from fxopt.graph_utils import annotate
 from fxopt.ops import kind_of
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.drop = nn.Dropout(0.1)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = F.relu(self.fc1(x))
-        return self.fc2(self.drop(h) * 1)
 
 
 @pytest.fixture
@@ -45,16 +34,6 @@ def _count_runs(module: nn.Module) -> list[int]:
 
 def _unchanged(gm, ctx) -> PassResult:
     return PassResult(gm, modified=False)
-
-
-def _relu_to_sigmoid(gm, ctx) -> PassResult:
-    """Wrong on purpose: relu becomes sigmoid (the node keeps its name)."""
-    for node in gm.graph.nodes:
-        if node.op.startswith("call") and kind_of(node) == "relu":
-            aten = isinstance(node.target, torch._ops.OpOverload)
-            node.target = torch.ops.aten.sigmoid.default if aten else torch.sigmoid
-            node.kwargs = {}
-    return PassResult(gm, modified=True)
 
 
 def _double_fc2_in_place(gm, ctx) -> PassResult:
