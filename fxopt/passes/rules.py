@@ -423,12 +423,16 @@ class RuleSet:
         fired: dict[str, int] = {}
         for _ in range(max_rounds):
             changed = False
+            kinds: dict[tuple, str] = {}  # one op-table lookup per node and target a round
             for rule in self.rules:
                 kind = rule.root_kind
                 for node in list(gm.graph.nodes):
                     if getattr(node, "_erased", False) or not node.op.startswith("call"):
                         continue
-                    if kind_of(node) != kind:
+                    key = (node, node.target)
+                    if key not in kinds:
+                        kinds[key] = kind_of(node)
+                    if kinds[key] != kind:
                         continue
                     match = rule.match(node)
                     if match:
