@@ -128,7 +128,7 @@ def _refresh(gm: fx.GraphModule) -> int:
         interp.env[node] = result
         node.meta.pop("tensor_meta", None)
         node.meta.pop(_VALUE, None)
-        if any(isinstance(v, torch.Tensor) for v in pytree_leaves(result)):
+        if any(isinstance(v, torch.Tensor) for v in _leaves(result)):
             node.meta["tensor_meta"] = map_aggregate(result, _meta_of)
         fake = isinstance(result, FakeTensor)
         node.meta["type"] = torch.Tensor if fake else type(result)  # as the real run says
@@ -139,7 +139,7 @@ def _refresh(gm: fx.GraphModule) -> int:
     return count
 
 
-def pytree_leaves(value: Any) -> list:
+def _leaves(value: Any) -> list:
     """The leaves of a nested list/tuple/dict (``torch.utils._pytree.tree_leaves``)."""
     from torch.utils import _pytree as pytree
 
