@@ -10,7 +10,7 @@ Example::
     fxopt.load("out/model")(x)
 """
 
-from fxopt import inspect, ops, quant
+from fxopt import ops, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
     CaptureError,
@@ -20,11 +20,34 @@ from fxopt.errors import (
     QuantizationError,
     SpecError,
 )
+from fxopt.inspect import ModelSummary
+from fxopt.inspect import inspect as _summarize
 from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
+
+
+def inspect(gm, example_inputs=None) -> ModelSummary:
+    """Summarize a graph (or capture a module first): one row per node, params, MACs.
+
+    The picture helpers of fxopt/visualize.py hang off this function, so
+    ``fxopt.inspect.render(gm, "model.svg")``, ``fxopt.inspect.to_dot(gm)``,
+    ``fxopt.inspect.to_networkx(gm)`` and ``fxopt.inspect.diff(before, after)`` work.
+
+    Example::
+
+        print(fxopt.inspect(gm))
+        fxopt.inspect(model, (x,)).macs
+    """
+    return _summarize(gm, example_inputs)
+
+
+inspect.render = visualize.render
+inspect.to_dot = visualize.to_dot
+inspect.to_networkx = visualize.to_networkx
+inspect.diff = visualize.diff
 
 
 def calibrate(gm, batches, *, progress=None, max_batches=None) -> int:

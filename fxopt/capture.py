@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import CaptureError
+from fxopt.graph_utils import annotate, annotate_run  # noqa: F401 - fxopt.capture.annotate stays
 from fxopt.verify import compare_outputs, random_like_inputs, resize_batch
 
 MODES = ("auto", "symbolic", "export")
@@ -68,6 +68,32 @@ def capture(
         gm = fxopt.capture(model, (torch.randn(1, 3, 224, 224),), mode="auto")
         gm.meta["fxopt"]["capture"]["frontend"]   # "symbolic" or "export"
     """
+    gm, _ = capture_with_outputs(
+        model, example_inputs, mode, leaf_modules=leaf_modules, concrete_args=concrete_args,
+        dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims, check=check,
+    )
+    return gm
+
+
+def capture_with_outputs(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    mode: str = "auto",
+    *,
+    leaf_modules: LeafPolicy = None,
+    concrete_args: dict[str, Any] | None = None,
+    dynamic_batch: bool = True,
+    dynamic_dims: Mapping[int, Sequence[int]] | None = None,
+    check: bool = True,
+) -> tuple[fx.GraphModule, Any]:
+    """``capture``, also returning the graph's outputs on the example inputs (from the run
+    that annotated it), so that a caller which needs them does not run the graph again.
+
+    Example::
+
+        gm, outputs = capture_with_outputs(model, (x,))
+        fxopt.PassManager("default").run(gm, (x,), reference=outputs)
+    """
     if mode not in MODES:
         raise CaptureError(f"unknown capture mode {mode!r}; use one of {', '.join(MODES)}")
     if not isinstance(model, nn.Module):
@@ -79,36 +105,32 @@ def capture(
     work = _private_copy(model)
     reference = _run_model(work, inputs)
 
-    if mode == "symbolic":
-        try:
-            gm = _symbolic(work, leaf_modules, concrete_args)
-        except CaptureError as e:
-            raise CaptureError(
-                f"symbolic_trace could not capture {type(model).__name__}: {e}\nTry: "
-                "mode='export' (or 'auto'), leaf_modules=[...] for the submodule that fails "
-                "to trace, or concrete_args={...} for Python-level flags."
-            ) from e
-        info = CaptureInfo(mode, "symbolic", "requested", dynamic_batch=False)
-        return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
-    if mode == "export":
-        try:
-            gm = _export(work, inputs, dynamic_batch, dynamic_dims)
-        except CaptureError as e:
-            raise CaptureError(
-                f"torch.export could not capture {type(model).__name__}: {e}\nTry: "
-                "mode='symbolic' (with leaf_modules=[...] or concrete_args={...} where needed), "
-                "or rewrite data-dependent control flow with torch.cond / torch.where."
-            ) from e
-        info = CaptureInfo(mode, "export", "requested", dynamic_batch=False)
+    def symbolic() -> fx.GraphModule:
+        return _symbolic(work, leaf_modules, concrete_args)
+
+    def export() -> fx.GraphModule:
+        return _export(work, inputs, dynamic_batch, dynamic_dims)
+
+    def finish(gm: fx.GraphModule, info: CaptureInfo) -> tuple[fx.GraphModule, Any]:
         return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
 
+    if mode != "auto":
+        frontend, hint = _FRONTENDS[mode]
+        try:
+            gm = symbolic() if mode == "symbolic" else export()
+        except CaptureError as e:
+            raise CaptureError(
+                f"{frontend} could not capture {type(model).__name__}: {e}\nTry: {hint}"
+            ) from e
+        return finish(gm, CaptureInfo(mode, mode, "requested", dynamic_batch=False))
+
     try:
-        gm = _symbolic(work, leaf_modules, concrete_args)
+        gm = symbolic()
         info = CaptureInfo(mode, "symbolic", "symbolic_trace succeeded", dynamic_batch=False)
-        return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
+        return finish(gm, info)
     except CaptureError as sym_err:
         try:
-            gm = _export(work, inputs, dynamic_batch, dynamic_dims)
+            gm = export()
         except CaptureError as exp_err:
             raise CaptureError(
                 f"neither front end could capture {type(model).__name__}.\n"
@@ -119,7 +141,21 @@ def capture(
             ) from exp_err
         reason = f"symbolic_trace failed: {_first_line(sym_err)}"
         info = CaptureInfo(mode, "export", reason, False, symbolic_error=str(sym_err))
-        return _finish(gm, work, inputs, reference, info, check, dynamic_batch)
+        return finish(gm, info)
+
+
+_FRONTENDS = {
+    "symbolic": (
+        "symbolic_trace",
+        "mode='export' (or 'auto'), leaf_modules=[...] for the submodule that fails "
+        "to trace, or concrete_args={...} for Python-level flags.",
+    ),
+    "export": (
+        "torch.export",
+        "mode='symbolic' (with leaf_modules=[...] or concrete_args={...} where needed), "
+        "or rewrite data-dependent control flow with torch.cond / torch.where.",
+    ),
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -291,20 +327,20 @@ def _finish(
     info: CaptureInfo,
     check: bool,
     dynamic_batch: bool,
-) -> fx.GraphModule:
+) -> tuple[fx.GraphModule, Any]:
     gm.eval()
-    annotate(gm, inputs)
+    # one run annotates every node and gives the outputs the checks compare
+    outputs = _run_graph(gm, inputs, info, annotate_run)
     if check:
-        _check_same(gm, model, inputs, reference, info)
-        if dynamic_batch:
-            info.dynamic_batch = _check_other_batch(gm, model, inputs, info)
+        _check_same(gm, model, reference, outputs, info)
+        info.dynamic_batch = _check_fresh_inputs(gm, model, inputs, info, dynamic_batch)
     gm.meta["fxopt"] = {
         "model": type(model).__name__,
         "capture": asdict(info),
         "pipeline": [],
         "inputs": [_spec(x, info.dynamic_batch) for x in inputs],
     }
-    return gm
+    return gm, outputs
 
 
 def _spec(x: Any, dynamic: bool) -> dict:
@@ -316,15 +352,27 @@ def _spec(x: Any, dynamic: bool) -> dict:
     return {"value": repr(x)}
 
 
-def _check_same(gm, model, inputs, reference, info) -> None:
-    got = _run_graph(gm, inputs, info)
-    report = compare_outputs(reference, got)
+def _check_same(gm, model, reference, outputs, info) -> None:
+    report = compare_outputs(reference, outputs)
     if not report.ok():
         raise CaptureError(
             f"the {info.frontend} graph does not reproduce the model on the example inputs "
             f"(max error {report.max_abs:.3g}); this usually means a Python side effect or hook "
             "the front end cannot see - try the other capture mode"
         )
+
+
+def _check_fresh_inputs(gm, model, inputs, info, dynamic_batch: bool) -> bool:
+    """Graph and model agree on fresh random inputs (no value-dependent branch was frozen
+    at trace time); returns whether they also agree on another batch size.
+
+    Fresh inputs of another batch size prove both at once, so that is tried first (one
+    model run and one graph run); only when it fails are fresh inputs of the example
+    batch size tried, to tell a batch-specific model from a frozen branch."""
+    if dynamic_batch:
+        other = resize_batch(random_like_inputs(inputs, seed=4321), delta=1)
+        if other is not None and _agree_on(gm, model, other):
+            return True
     fresh = random_like_inputs(inputs, seed=1234)
     with torch.no_grad():
         want = model(*fresh)
@@ -335,95 +383,32 @@ def _check_same(gm, model, inputs, reference, info) -> None:
             f"(max error {report.max_abs:.3g}): a value-dependent branch was frozen at trace "
             "time. Use mode='export' or torch.cond for the branch."
         )
+    return False
 
 
-def _check_other_batch(gm, model, inputs, info) -> bool:
-    other = resize_batch(random_like_inputs(inputs, seed=4321), delta=1)
-    if other is None:
-        return False
+def _agree_on(gm, model, inputs) -> bool:
     try:
         with torch.no_grad():
-            want = model(*other)
+            want = model(*inputs)
     except Exception:  # noqa: BLE001 - the model itself is batch-specific
         return False
     try:
         with torch.no_grad():
-            got = gm(*other)
+            got = gm(*inputs)
     except Exception:  # noqa: BLE001
         return False
     return compare_outputs(want, got).ok()
 
 
-def _run_graph(gm, inputs, info) -> Any:
+def _run_graph(gm, inputs, info, run=None) -> Any:
     try:
         with torch.no_grad():
-            return gm(*inputs)
+            return run(gm, inputs) if run is not None else gm(*inputs)
     except Exception as e:  # noqa: BLE001
         raise CaptureError(
             f"the {info.frontend} graph fails to run at {_user_location(e)}: "
             f"{type(e).__name__}: {_first_line(e)}; try the other capture mode"
         ) from e
-
-
-def annotate(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
-    """Refresh shape/dtype/module-path metadata on every node by running ``inputs``.
-
-    Example::
-
-        fxopt.capture.annotate(gm, example_inputs)
-        gm.graph.nodes[...].meta["shape"]
-    """
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for node in gm.graph.nodes:
-            node.meta.pop("tensor_meta", None)
-        _Annotator(gm).propagate(*inputs)
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        node.meta["shape"], node.meta["dtype"] = _shape_dtype(meta)
-        node.meta["fxopt_module_path"] = _module_path(node)
-    return gm
-
-
-class _Annotator(ShapeProp):
-    """ShapeProp that also records the device of tensor outputs."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["device"] = str(result.device)
-        else:
-            n.meta["device"] = None
-        return result
-
-
-def _shape_dtype(meta: Any) -> tuple[Any, Any]:
-    if meta is None:
-        return None, None
-    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        return tuple(meta.shape), meta.dtype
-    if isinstance(meta, (list, tuple)):
-        pairs = [_shape_dtype(m) for m in meta]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    if isinstance(meta, dict):
-        pairs = [_shape_dtype(m) for m in meta.values()]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    return None, None
-
-
-def _module_path(node: fx.Node) -> str:
-    if node.meta.get("fxopt_module_path"):
-        return node.meta["fxopt_module_path"]
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "get_attr":
-        return str(node.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack")
-    for path, _ in reversed(list((stack or {}).values())):
-        # torch.export tags nodes it made outside any module with a placeholder entry
-        if not str(path).startswith("_empty_nn_module_stack"):
-            return str(path)
-    return ""
 
 
 # --------------------------------------------------------------------------- error locations

@@ -10,7 +10,10 @@ Example::
     res = fxopt.optimize(model, (x,), "default")
     print(fxopt.inspect.diff(gm, res.module))       # "removed: - 8 dropout"
 
-The module itself is callable: ``fxopt.inspect(gm)`` is ``fxopt.inspect.inspect(gm)``.
+``fxopt.inspect`` is a plain function (fxopt/__init__.py) that calls
+``fxopt.inspect.inspect`` here; the pictures live in fxopt/visualize.py (``render``,
+``to_dot``, ``to_networkx``, ``diff``), which imports this module and never the reverse,
+and ``fxopt.inspect.render`` / ``.diff`` / ``.to_dot`` / ``.to_networkx`` reach them.
 Params count the weight tensors an op reads (module parameters and buffers for
 ``call_module``, ``get_attr``-fed tensors for function and ATen forms); totals count each
 tensor once however many ops share it. MACs come from the op table (``fxopt.ops``).
@@ -19,8 +22,6 @@ tensor once however many ops share it. MACs come from the op table (``fxopt.ops`
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
-from fxopt.capture import annotate, capture, normalize_inputs
+from fxopt.capture import capture, normalize_inputs
 from fxopt.errors import CaptureError
-from fxopt.manager import human_count
+from fxopt.graph_utils import annotate, human_count
 from fxopt.ops import OPAQUE, op_of
 
 if TYPE_CHECKING:
@@ -356,38 +357,4 @@ def _cut(text: str, width: int, left: bool = False) -> str:
     return "..." + text[3 - width :] if left else text[: width - 3] + "..."
 
 
-# --------------------------------------------------------------------------- networkx
-
-
-# The picture half of this module lives in fxopt/visualize.py; re-exported here so that
-# fxopt.inspect.render / to_dot / diff / to_networkx keep working.
-from fxopt.visualize import (  # noqa: E402
-    GraphDiff,
-    RenderResult,
-    diff,
-    render,
-    to_dot,
-    to_networkx,
-)
-
-__all__ = [
-    "GraphDiff",
-    "ModelSummary",
-    "NodeRow",
-    "RenderResult",
-    "diff",
-    "inspect",
-    "render",
-    "to_dot",
-    "to_networkx",
-]
-
-
-class _CallableModule(types.ModuleType):
-    """``fxopt.inspect`` is this module; calling it runs ``inspect`` (the documented API)."""
-
-    def __call__(self, gm: fx.GraphModule | nn.Module, example_inputs: Any = None) -> ModelSummary:
-        return inspect(gm, example_inputs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+__all__ = ["ModelSummary", "NodeRow", "inspect"]

@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.errors import SpecError
+from fxopt.graph_utils import fresh_attr  # noqa: F401 - shared helper, re-exported here
 from fxopt.op_props import CATEGORY_PROPS, Category, Effects, Prop, inferred_effects, writes_input
 
 OPAQUE = "opaque"
@@ -460,21 +461,6 @@ def model_bytes(module: nn.Module) -> int:
                 seen.add(key)
                 total += t.numel() * t.element_size()
     return total
-
-
-def fresh_attr(root: nn.Module, base: str, *suffixes: str) -> str:
-    """``base``, or ``base_1``, ``base_2``… : the first name ``root`` has no attribute of
-    (with each of ``suffixes`` appended, when given).
-
-    >>> fresh_attr(nn.Linear(2, 2), "weight")
-    'weight_1'
-    """
-    suffixes = suffixes or ("",)
-    name, i = base, 0
-    while any(hasattr(root, f"{name}{s}") for s in suffixes):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def op_of(node: fx.Node) -> OpView:

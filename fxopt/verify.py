@@ -163,7 +163,16 @@ def resize_batch(inputs: Sequence[Any], delta: int = 1) -> tuple | None:
 
 # --------------------------------------------------------------------------- attribution
 def node_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
-    """Every node's output by name, from one run of ``gm`` on ``inputs``."""
+    """Every node's output by name, from one run of ``gm`` on ``inputs``.
+
+    Example::
+
+        node_values(gm, (x,))["fc1"].shape
+    """
+    return _values_and_outputs(gm, inputs)[0]
+
+
+def _values_and_outputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[dict, Any]:
     values: dict[str, Any] = {}
 
     class _Recorder(fx.Interpreter):
@@ -174,8 +183,8 @@ def node_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
             return result
 
     with torch.no_grad():
-        _Recorder(gm).run(*inputs)
-    return values
+        outputs = _Recorder(gm).run(*inputs)
+    return values, outputs
 
 
 def worst_node(
@@ -189,9 +198,9 @@ def worst_node(
     largest relative error is returned. Returns None when nothing could be matched.
     """
     try:
-        want, got = node_values(before, inputs), node_values(after, inputs)
-        with torch.no_grad():
-            want_out, got_out = before(*inputs), after(*inputs)
+        # one run per graph gives both the node values and the outputs
+        (want, want_out), (got, got_out) = (
+            _values_and_outputs(before, inputs), _values_and_outputs(after, inputs))
     except Exception:  # noqa: BLE001 - attribution is best effort on a broken graph
         return None
     worst: tuple[str, float] | None = None

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 
 from fxopt.errors import FxoptError
+from fxopt.graph_utils import human_count
 from fxopt.inspect import _CALLS, ModelSummary, NodeRow, _shape_text, inspect
-from fxopt.manager import human_count
 from fxopt.ops import OPAQUE
 
 if TYPE_CHECKING:

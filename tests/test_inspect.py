@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import sys
+import types
 from pathlib import Path
 
 import networkx as nx
@@ -26,8 +27,9 @@ from fxopt.capture import annotate
 from fxopt.errors import CaptureError, FxoptError
 from fxopt.manager import graph_stats
 
-# The module object, whatever ``fxopt.inspect`` is bound to in fxopt/__init__.py.
+# The module objects (``fxopt.inspect`` itself is a plain function in fxopt/__init__.py).
 fi = importlib.import_module("fxopt.inspect")
+fv = importlib.import_module("fxopt.visualize")
 MODES = ("symbolic", "export")
 
 
@@ -319,7 +321,7 @@ def test_opaque_ops_and_output_only_weights() -> None:
     assert summary.opaque == ["special_erfinv"]
     assert "opaque: special_erfinv (torch._C._special.special_erfinv)" in str(summary)
     assert _rows(summary)["scale"].params == summary.params == 3  # read by no op: on its own row
-    dot = fi.to_dot(gm)
+    dot = fv.to_dot(gm)
     assert '"special_erfinv" [' in dot and 'color="#c92a2a"' in dot
 
 
@@ -335,9 +337,26 @@ def test_graphs_without_shapes_and_plain_modules(zoo_case) -> None:
         fi.inspect(model)
 
 
-def test_the_module_is_callable(zoo_case) -> None:
+def test_fxopt_inspect_is_a_plain_function(zoo_case) -> None:
     gm = zoo_case("mlp", "symbolic")[2]
-    assert str(fi(gm)) == str(fi.inspect(gm)) == str(fxopt.inspect(gm))
+    assert str(fxopt.inspect(gm)) == str(fi.inspect(gm))
+    assert isinstance(fxopt.inspect, types.FunctionType)
+    assert type(fi) is types.ModuleType  # no callable-module class swap
+    # the documented picture calls still work through the function
+    assert fxopt.inspect.to_dot is fv.to_dot and fxopt.inspect.diff is fv.diff
+    assert fxopt.inspect.render is fv.render and fxopt.inspect.to_networkx is fv.to_networkx
+
+
+def test_inspect_and_visualize_import_one_way() -> None:
+    """visualize builds on inspect; inspect never imports visualize (no cycle)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(fi.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "fxopt.visualize" not in imported and "fxopt" not in imported
+    assert not hasattr(fi, "render")
 
 
 @pytest.mark.parametrize("name", ["resnet", "mlp"])
@@ -354,7 +373,7 @@ def test_by_module_adds_up(name: str, zoo_case) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_networkx_graph_mirrors_the_fx_graph(mode: str, zoo_case) -> None:
     _, _, gm = zoo_case("resnet", mode)
-    g = fi.to_networkx(gm)
+    g = fv.to_networkx(gm)
     assert isinstance(g, nx.DiGraph) and nx.is_directed_acyclic_graph(g)
     assert list(g.nodes) == [n.name for n in gm.graph.nodes]
     expected = {(a.name, n.name) for n in gm.graph.nodes for a in n.all_input_nodes}
@@ -391,7 +410,7 @@ def _check_dot_syntax(dot: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_to_dot_labels_colours_and_clusters(mode: str, zoo_case) -> None:
     _, _, gm = zoo_case("resnet", mode)
-    dot = fi.to_dot(gm, highlight={"output": "red"})
+    dot = fv.to_dot(gm, highlight={"output": "red"})
     _check_dot_syntax(dot)
     nodes, edges = _dot_nodes_and_edges(dot)
     calls = {n.name for n in gm.graph.nodes if n.op != "get_attr"}
@@ -408,7 +427,7 @@ def test_to_dot_labels_colours_and_clusters(mode: str, zoo_case) -> None:
     assert 'fillcolor="red"' in output and 'penwidth="3"' in output
     for top in ("stem", "layer1", "layer2", "layer3"):
         assert f'label="{top}"; style="rounded,dashed"' in dot
-    weights = fi.to_dot(gm, show_weights=True, clusters=False)
+    weights = fv.to_dot(gm, show_weights=True, clusters=False)
     _check_dot_syntax(weights)
     assert _dot_nodes_and_edges(weights)[0] == {n.name for n in gm.graph.nodes}
     assert "subgraph" not in weights
@@ -417,7 +436,7 @@ def test_to_dot_labels_colours_and_clusters(mode: str, zoo_case) -> None:
 def test_to_dot_rejects_unknown_highlights_and_escapes_text(zoo_case) -> None:
     gm = zoo_case("mlp", "symbolic")[2]
     with pytest.raises(FxoptError, match="net_9"):
-        fi.to_dot(gm, highlight={"net_9": "red"})
+        fv.to_dot(gm, highlight={"net_9": "red"})
 
     class Quoted(nn.Module):
         def extra_repr(self) -> str:
@@ -436,7 +455,7 @@ def test_to_dot_rejects_unknown_highlights_and_escapes_text(zoo_case) -> None:
 
     gm = fxopt.capture(Wrap(), (torch.randn(2),), mode="symbolic", leaf_modules=[Quoted])
     assert _rows(fi.inspect(gm))["q"].target == 'Quoted(say "hi" \\ bye)'
-    dot = fi.to_dot(gm)
+    dot = fv.to_dot(gm)
     assert 'tooltip="Quoted(say \\"hi\\" \\\\ bye) @ q"' in dot
     _check_dot_syntax(dot)
 
@@ -455,17 +474,17 @@ def test_render_without_graphviz_writes_dot_and_says_what_to_do(
     tmp_path: Path, no_dot, zoo_case
 ) -> None:
     gm = zoo_case("mlp", "symbolic")[2]
-    res = fi.render(gm, tmp_path / "out" / "model.svg")
+    res = fv.render(gm, tmp_path / "out" / "model.svg")
     assert res.dot_path == tmp_path / "out" / "model.dot" and res.image_path is None
-    assert res.dot_path.read_text() == fi.to_dot(gm)
+    assert res.dot_path.read_text() == fv.to_dot(gm)
     assert "Graphviz 'dot' is not installed" in res.message
     assert "apt-get install graphviz" in res.message
     assert f"dot -Tsvg {res.dot_path} -o {tmp_path / 'out' / 'model.svg'}" in str(res)
     assert not (tmp_path / "out" / "model.svg").exists()
     assert _leftovers(tmp_path / "out") == []
     # path without a suffix, or ending in .dot, names the same files
-    assert fi.render(gm, tmp_path / "out" / "model").dot_path == res.dot_path
-    assert fi.render(gm, tmp_path / "out" / "model.dot", format="png").dot_path == res.dot_path
+    assert fv.render(gm, tmp_path / "out" / "model").dot_path == res.dot_path
+    assert fv.render(gm, tmp_path / "out" / "model.dot", format="png").dot_path == res.dot_path
 
 
 FAKE_DOT = """#!{python}
@@ -494,11 +513,11 @@ def test_render_runs_dot_when_installed(
 ) -> None:
     _fake_dot(tmp_path, monkeypatch, "ok")
     gm = zoo_case("mlp", "export")[2]
-    res = fi.render(gm, tmp_path / "pics" / "mlp.svg")
+    res = fv.render(gm, tmp_path / "pics" / "mlp.svg")
     assert res.image_path == tmp_path / "pics" / "mlp.svg"
-    assert res.image_path.read_text() == f"<svg>{len(fi.to_dot(gm))}</svg>"
+    assert res.image_path.read_text() == f"<svg>{len(fv.to_dot(gm))}</svg>"
     assert res.message == f"wrote {res.dot_path} and {res.image_path}"
-    assert fi.render(gm, tmp_path / "pics" / "mlp", format="png").image_path.read_text()[:5] == (
+    assert fv.render(gm, tmp_path / "pics" / "mlp", format="png").image_path.read_text()[:5] == (
         "<png>"
     )
     assert _leftovers(tmp_path / "pics") == []
@@ -510,7 +529,7 @@ def test_render_reports_a_failing_dot(
 ) -> None:
     _fake_dot(tmp_path, monkeypatch, "fail")
     with pytest.raises(FxoptError, match=r"exit code 1.*syntax error in line 1.*dot -Tsvg"):
-        fi.render(zoo_case("mlp", "symbolic")[2], tmp_path / "m.svg")
+        fv.render(zoo_case("mlp", "symbolic")[2], tmp_path / "m.svg")
     assert (tmp_path / "m.dot").exists() and not (tmp_path / "m.svg").exists()
     assert _leftovers(tmp_path) == []
 
@@ -518,9 +537,9 @@ def test_render_reports_a_failing_dot(
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed")
 def test_render_with_real_graphviz(tmp_path: Path, zoo_case) -> None:
     _, _, gm = zoo_case("transformer", "symbolic")
-    res = fi.render(gm, tmp_path / "t.svg")
+    res = fv.render(gm, tmp_path / "t.svg")
     assert "<svg" in res.image_path.read_text()
-    d = fi.diff(gm, fxopt.optimize(gm, zoo_case("transformer", "symbolic")[1]).module)
+    d = fv.diff(gm, fxopt.optimize(gm, zoo_case("transformer", "symbolic")[1]).module)
     assert "<svg" in d.render(tmp_path / "d").image_path.read_text()
 
 
@@ -529,16 +548,16 @@ def test_render_into_an_unwritable_place_raises(tmp_path: Path, no_dot, zoo_case
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
     with pytest.raises(FxoptError, match="cannot write .*file.txt"):
-        fi.render(gm, blocker / "model.svg")
+        fv.render(gm, blocker / "model.svg")
     with pytest.raises(FxoptError, match="Graphviz format"):
-        fi.render(gm, tmp_path / "m", format="svg; rm -rf /")
+        fv.render(gm, tmp_path / "m", format="svg; rm -rf /")
     if hasattr(os, "geteuid") and os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o500)
         try:
             with pytest.raises(FxoptError, match="writable"):
-                fi.render(gm, locked / "model.svg")
+                fv.render(gm, locked / "model.svg")
             assert list(locked.iterdir()) == []
         finally:
             locked.chmod(0o700)
@@ -550,7 +569,7 @@ def test_render_into_an_unwritable_place_raises(tmp_path: Path, no_dot, zoo_case
 def test_diff_after_cleanup_lists_the_removed_dropouts(name: str, mode: str, zoo_case) -> None:
     model, inputs, before = zoo_case(name, mode)
     after = fxopt.optimize(model, inputs, "default", mode=mode).module
-    d = fi.diff(before, after)
+    d = fv.diff(before, after)
     dropouts = [n.name for n in before.graph.nodes if fxopt.ops.kind_of(n) == "dropout"]
     assert len(dropouts) == {"transformer": 7, "mlp": 2}[name]
     # cleanup may learn to drop more no-ops; the dropouts must be among what it removed
@@ -589,7 +608,7 @@ def test_diff_of_hand_edits_reports_added_and_changed_nodes(zoo_case) -> None:
     after.graph.erase_node(dropout)
     after.recompile()
     annotate(after, inputs)
-    d = fi.diff(before, after)
+    d = fv.diff(before, after)
     assert [r.name for r in d.added] == [relu.name] and d.added[0].kind == "relu"
     assert [r.name for r in d.removed] == ["net_2"]
     assert [(old.params, new.params) for old, new in d.changed] == [(1290, 1280)]

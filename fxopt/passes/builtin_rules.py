@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxopt.graph_utils import fresh_attr
 from fxopt.ops import is_inplace, op_of
 from fxopt.passes.rules import Match, ParamRef, Rule, RuleSet, register_rules
 
@@ -260,9 +261,7 @@ def _merge_linear_rewrite(match: Match, graph: fx.Graph):
     gm = graph.owning_module
     names = []
     for suffix, value in (("weight", weight), ("bias", bias.to(dtype))):
-        name = f"{match.root.name}_merged_{suffix}"
-        while hasattr(gm, name):
-            name += "_"
+        name = fresh_attr(gm, f"{match.root.name}_merged_{suffix}")
         gm.register_buffer(name, value.contiguous())
         names.append(graph.get_attr(name))
     return graph.call_function(F.linear, (match["x"], names[0], names[1]))

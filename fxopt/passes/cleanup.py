@@ -1,6 +1,7 @@
 """Cleanup passes: dead code, dropout, identities and no-op arithmetic/casts.
 
-All are exact. ``cleanup`` runs the four to a fixed point.
+All are exact. ``cleanup`` runs the four to a fixed point. ``drop_unused_attributes``
+lives in fxopt/graph_utils.py and is importable from here as before.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxopt.graph_utils import drop_unused_attributes, fresh_attr  # noqa: F401 - re-exported
 from fxopt.ops import effects, kind_of, op_of
 from fxopt.passes import builtin_rules  # noqa: F401  (registers the eliminate_noops pass)
 from fxopt.passes.base import REGISTRY, PassContext, PassResult, Semantics, register_pass
@@ -38,28 +40,6 @@ def _checks_dead_value(node: fx.Node) -> bool:
     return isinstance(value, fx.Node) and all(
         kind_of(u) == "assert_metadata" for u in value.users
     )
-
-
-def drop_unused_attributes(gm: fx.GraphModule) -> int:
-    """Delete submodules and tensors that no node refers to; returns how many went."""
-    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    before = len(list(gm.named_modules()))
-    gm.delete_all_unused_submodules()
-    count = before - len(list(gm.named_modules()))
-    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in names:
-        owner, _, leaf = name.rpartition(".")
-        if name in used_attrs or owner in used_modules:
-            continue
-        if any(owner.startswith(m + ".") for m in used_modules):
-            continue
-        module = gm.get_submodule(owner) if owner else gm
-        module._parameters.pop(leaf, None)
-        module._buffers.pop(leaf, None)
-        count += 1
-    return count
 
 
 def _bypass(node: fx.Node, replacement: fx.Node) -> None:
@@ -158,9 +138,7 @@ def flatten_modules(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         old = str(node.target)
         if old not in renamed:
-            new = old.replace(".", "_")
-            while hasattr(gm, new):
-                new += "_"
+            new = fresh_attr(gm, old.replace(".", "_"))
             owner, _, leaf = old.rpartition(".")
             value = getattr(gm.get_submodule(owner), leaf)
             if isinstance(value, torch.nn.Module):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.capture import annotate
+from fxopt.graph_utils import fresh_attr, refresh_metadata
 from fxopt.op_props import Prop
 from fxopt.ops import OpView, _aten_name, fetch_attr, has_prop, kind_of, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
@@ -204,9 +204,7 @@ def _as_graph_value(value: Any, graph: fx.Graph) -> Any:
     if isinstance(value, ParamRef):
         gm = graph.owning_module
         tensor = value.value
-        name = f"{value.node.name}_{value.name}_rule"
-        while hasattr(gm, name):
-            name += "_"
+        name = fresh_attr(gm, f"{value.node.name}_{value.name}_rule")
         gm.register_buffer(name, tensor)
         return graph.get_attr(name)
     return value
@@ -425,12 +423,16 @@ class RuleSet:
         fired: dict[str, int] = {}
         for _ in range(max_rounds):
             changed = False
+            kinds: dict[tuple, str] = {}  # one op-table lookup per node and target a round
             for rule in self.rules:
                 kind = rule.root_kind
                 for node in list(gm.graph.nodes):
                     if getattr(node, "_erased", False) or not node.op.startswith("call"):
                         continue
-                    if kind_of(node) != kind:
+                    key = (node, node.target)
+                    if key not in kinds:
+                        kinds[key] = kind_of(node)
+                    if kinds[key] != kind:
                         continue
                     match = rule.match(node)
                     if match:
@@ -441,8 +443,8 @@ class RuleSet:
                 break
             gm.graph.lint()
             gm.recompile()
-            if example_inputs is not None:
-                annotate(gm, example_inputs)
+            if example_inputs is not None:  # only the rewritten nodes, on fake tensors
+                refresh_metadata(gm, example_inputs)
         return fired
 
     def by_kind(self, fired: dict[str, int]) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 A pattern matches a node by its graph name (``conv_1``), its module path as recorded at
 capture (``layer1.0.conv1``) or a glob over either (``blocks.*.attn.*``). The same
-patterns serve ``skip=[...]`` and the sensitivity report.
+patterns serve ``skip=[...]``, ``keep_fp32=[...]`` and the sensitivity report. The
+helpers live with the other shared graph helpers in fxopt/graph_utils.py.
 
 Example::
 
@@ -12,31 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable
+from fxopt.graph_utils import layer_name, matches
 
-import torch.fx as fx
-
-
-def layer_name(node: fx.Node) -> str:
-    """The name a user knows a layer by: its module path, else the node name.
-
-    >>> layer_name(node)  # doctest: +SKIP
-    'layer1.0.conv1'
-    """
-    path = node.meta.get("fxopt_module_path")
-    if path:
-        return str(path)
-    return str(node.target) if node.op == "call_module" else node.name
-
-
-def matches(node: fx.Node, patterns: Iterable[str]) -> bool:
-    """True if ``node``'s layer name or node name equals or glob-matches a pattern.
-
-    >>> matches(node, ["layer1.*"])  # doctest: +SKIP
-    True
-    """
-    names = {layer_name(node), node.name}
-    if node.op == "call_module":
-        names.add(str(node.target))
-    return any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+__all__ = ["layer_name", "matches"]
