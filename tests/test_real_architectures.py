@@ -39,6 +39,9 @@ HALF_CHECK = {
     "fp16": Tolerance(rtol=3e-2, atol=1e-3, min_cosine=0.999),
     "bf16": Tolerance(rtol=1e-1, atol=1e-2, min_cosine=0.995),
 }
+# bf16 eager on a subset, one per family: no ONNX Runtime kernel runs it (below), and
+# PyTorch's CPU half-precision convolutions are ~100x slower than float32 ones
+BF16 = ["resnet", "convnext", "vit", "bert", "llama-gqa"]
 # bf16 in ONNX Runtime: its CPU provider has no bfloat16 Conv, MatMul or Add kernels; one
 # CNN and one text model say so (a skip naming the kernel) or, once it has them, verify
 BF16_ONNX = ["convnext", "bert"]
@@ -91,6 +94,11 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
                  "abs error 5.13 (relative 0.855, cosine 0.825961) exceeds the approximate "
                  "tolerance\"; the error grows block by block over the 17 inverted "
                  "residuals, no single layer breaks"), fxopt.PassError),
+    ("regnet", "int8"): (_INT8_CNN.format(
+        ort="not measured",
+        observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "
+                 "[0.98944...]\" on fresh inputs (fxopt's own check passes on the example "
+                 "inputs)"), AssertionError),
     ("efficientnet", "int8"): (_INT8_CNN.format(
         ort="cosine 0.9645 on last_hidden_state",
         observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs: max "
@@ -100,7 +108,7 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
 for _name in ALL:
     XFAIL[(_name, "fp16-onnx")] = (_FP16_ONNX, fxopt.LoweringError)
 for _name in ("gpt2", "llama-gqa", "qwen2-gqa"):
-    for _dtype in ("fp16", "bf16"):
+    for _dtype in ("fp16", "bf16"):  # bf16 runs on llama-gqa only
         XFAIL[(_name, _dtype)] = (_ASSERT_METADATA.format(dtype=_dtype), fxopt.PassError)
     XFAIL[(_name, "fp16-onnx")] = (_ASSERT_METADATA.format(dtype="fp16"), fxopt.PassError)
 
@@ -289,7 +297,8 @@ def _half_graph(case: Case, dtype: str) -> torch.fx.GraphModule:
     return case.optimized(f"default,half(dtype={dtype})").module
 
 
-@pytest.mark.parametrize(("name", "dtype"), _params(ALL, "{}", ("fp16", "bf16")))
+@pytest.mark.parametrize(
+    ("name", "dtype"), _params(ALL, "{}", ("fp16",)) + _params(BF16, "{}", ("bf16",)))
 def test_half(name, dtype, cases):
     case = cases(name)
     gm = _half_graph(case, dtype)
@@ -299,9 +308,9 @@ def test_half(name, dtype, cases):
         if t.is_floating_point():
             sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
     assert sizes.get(want, 0) > 0.95 * sum(sizes.values()), sizes
-    for inputs in (case.inputs, case.fresh()):
-        _assert_close(case.reference(inputs), _run(gm, inputs), HALF_CHECK[dtype],
-                      what=f"{dtype} graph vs the float32 model")
+    inputs = case.fresh()  # the pass itself checked the example inputs
+    _assert_close(case.reference(inputs), _run(gm, inputs), HALF_CHECK[dtype],
+                  what=f"{dtype} graph vs the float32 model")
 
 
 @pytest.mark.parametrize("name", _params(ALL, "fp16-onnx"))
