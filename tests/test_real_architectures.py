@@ -93,7 +93,7 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
         ort="cosine 0.899, above fxopt",
         observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs: max "
                  "abs error 5.13 (relative 0.855, cosine 0.825961) exceeds the approximate "
-                 "tolerance\"; the error grows block by block over the 17 inverted "
+                 "tolerance\"; the error grows block by block over the 16 inverted "
                  "residuals, no single layer breaks"), fxopt.PassError),
     ("regnet", "int8"): (_INT8_CNN.format(
         ort="cosine 0.9784, below fxopt",
