@@ -173,6 +173,16 @@ class Case:
                                                           **options))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """These models are tiny: a second intra-op thread buys nothing, and on a shared 2-core
+    machine two spinning threads per process made this module 5x slower (594 s vs 110 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cases():
     made: dict[str, Case] = {}
