@@ -97,10 +97,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit": Architecture("vit", _cfg(
         "ViTConfig", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=64), "ViTModel"),
+    "deit": Architecture("vit", _cfg(
+        "DeiTConfig", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64), "DeiTModel"),
     # ---- text encoders
     "bert": Architecture("encoder", _cfg(
         "BertConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, **_TEXT), "BertModel"),
+    "distilbert": Architecture("encoder", _cfg(
+        "DistilBertConfig", dim=32, n_layers=2, n_heads=4, hidden_dim=64, **_TEXT),
+        "DistilBertModel"),
     # ---- decoders (no KV cache: a deployed prefill graph)
     "gpt2": Architecture("decoder", _cfg(
         "GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,

@@ -39,9 +39,6 @@ HALF_CHECK = {
     "fp16": Tolerance(rtol=3e-2, atol=1e-3, min_cosine=0.999),
     "bf16": Tolerance(rtol=1e-1, atol=1e-2, min_cosine=0.995),
 }
-# bf16 eager on a subset, one per family: no ONNX Runtime kernel runs it (below), and
-# PyTorch's CPU half-precision convolutions are ~100x slower than float32 ones
-BF16 = ["resnet", "convnext", "vit", "bert", "llama-gqa"]
 # bf16 in ONNX Runtime: its CPU provider has no bfloat16 Conv, MatMul or Add kernels; one
 # CNN and one text model say so (a skip naming the kernel) or, once it has them, verify
 BF16_ONNX = ["convnext", "bert"]
@@ -84,6 +81,10 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
     ("gpt2", "int8"): (_ADDMM, fxopt.QuantizationError),
     ("resnet", "bf16"): (_BF16_TOLERANCE.format(err="0.229", rel="0.0349", cos="0.999334"),
                          fxopt.PassError),
+    ("mobilenet-v2", "bf16"): (_BF16_TOLERANCE.format(err="1.09", rel="0.182", cos="0.994456")
+                               + "; this one also misses HALF_CHECK['bf16'] here: the error "
+                               "grows over the 16 inverted residuals as int8's does",
+                               fxopt.PassError),
     ("resnet", "int8"): (_INT8_CNN.format(
         ort="cosine 0.9922, above fxopt",
         observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "
@@ -109,7 +110,7 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
 for _name in ALL:
     XFAIL[(_name, "fp16-onnx")] = (_FP16_ONNX, fxopt.LoweringError)
 for _name in ("gpt2", "llama-gqa", "qwen2-gqa"):
-    for _dtype in ("fp16", "bf16"):  # bf16 runs on llama-gqa only
+    for _dtype in ("fp16", "bf16"):
         XFAIL[(_name, _dtype)] = (_ASSERT_METADATA.format(dtype=_dtype), fxopt.PassError)
     XFAIL[(_name, "fp16-onnx")] = (_ASSERT_METADATA.format(dtype="fp16"), fxopt.PassError)
 
@@ -309,7 +310,7 @@ def _half_graph(case: Case, dtype: str) -> torch.fx.GraphModule:
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype"), _params(ALL, "{}", ("fp16",)) + _params(BF16, "{}", ("bf16",)))
+    ("name", "dtype"), _params(ALL, "{}", ("fp16", "bf16")))
 def test_half(name, dtype, cases):
     case = cases(name)
     gm = _half_graph(case, dtype)
