@@ -89,6 +89,12 @@ class _Checked:
     returns float32 scales and int32 zero points."""
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_fed()
+        with _quiet():
+            scale, zero_point = self._qparams()
+        return scale.float(), zero_point.to(torch.int32)
+
+    def _check_fed(self) -> None:
         if not observed(self):
             raise QuantizationError(_NOT_FED)
         if not (torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all()):
@@ -96,9 +102,6 @@ class _Checked:
                 "observer saw NaN or inf values during calibration: find the layer that "
                 "produces them (fxopt.verify) or clean the calibration inputs"
             )
-        with _quiet():
-            scale, zero_point = self._qparams()
-        return scale.float(), zero_point.to(torch.int32)
 
     def _qparams(self):
         return super().calculate_qparams()
@@ -176,10 +179,22 @@ class _HistogramObserver(_Checked, tao.UniformQuantizationObserverBase):
         h = self.histogram.cpu().numpy()
         return h[_BINS // 2 :] + h[: _BINS // 2][::-1]
 
-    def _qparams(self):
+    def clip_range(self) -> tuple[float, float]:
+        """The float range ``(lo, hi)`` the scale and zero point are computed from: the
+        observer's clipping range (percentile, entropy, mse) within the observed min/max.
+
+        >>> obs = make_observer("percentile", percentile=100.0)
+        >>> _ = obs(torch.tensor([-1.0, 0.5, 2.0]))
+        >>> obs.clip_range()
+        (-1.0, 2.0)
+        """
+        self._check_fed()
         lo, hi = self._range()
         lo = max(lo, self.min_val.item())
-        hi = max(min(hi, self.max_val.item()), lo)
+        return lo, max(min(hi, self.max_val.item()), lo)
+
+    def _qparams(self):
+        lo, hi = self.clip_range()
         device = self.eps.device
         return self._calculate_qparams(
             torch.tensor(lo, device=device), torch.tensor(hi, device=device)
@@ -214,38 +229,53 @@ class PercentileObserver(_HistogramObserver):
         return -b + _quantile(h, 1 - p) * w, -b + _quantile(h, p) * w
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    p, q = p / p.sum(), q / max(q.sum(), 1e-300)
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return float("inf")
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+def _log(a: np.ndarray) -> np.ndarray:
+    """log where positive, 0 elsewhere (the terms it multiplies are 0 there)."""
+    return np.log(np.where(a > 0, a, 1.0))
+
+
+def _xlogx(a: np.ndarray) -> np.ndarray:
+    return a * _log(a)
 
 
 def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     """TensorRT's entropy calibration: the number of ``|x|`` bins to keep, minimising
-    KL(P || Q) between the clipped histogram P and Q, P squeezed into ``levels`` levels."""
+    KL(P || Q) between the clipped histogram P and Q, P squeezed into ``levels`` levels.
+
+    Every candidate ``i`` (bins kept) is scored at once. For candidate ``i``, P is
+    ``h[:i]`` with the clipped tail added to its last bin, and Q spreads each level's mass
+    ``S_g`` evenly over the level's ``C_g`` nonzero bins, so with ``P = sum(p)`` and
+    ``sum(q) = sum(h[:i])``::
+
+        KL_i = (sum_j p_j log p_j - sum_g S_g log(S_g / C_g)) / P + log(sum(h[:i]) / P)
+
+    and every sum is a difference of prefix sums: O(candidates x levels), not x bins.
+    Ties keep the wider range. ``tests/quant/test_observers_reference.py`` checks it against the
+    per-candidate loop it replaces.
+    """
     nonzero = np.flatnonzero(hist)
     n = int(nonzero[-1]) + 1 if len(nonzero) else 0
     if n <= levels:
         return n
-    h = hist[:n].copy()
+    h = hist[:n].astype(np.float64)  # a copy
     h[0] = h[1]  # exact zeros (ReLU outputs) would otherwise dominate the first level
-    tail = np.cumsum(h[::-1])[::-1]
-    best, best_i = float("inf"), n
-    for i in range(levels, n + 1):
-        p = h[:i].copy()
-        if i < n:
-            p[i - 1] += tail[i]  # the clipped outliers pile up in the last kept bin
-        nz = h[:i] > 0
-        group = np.arange(i) * levels // i
-        sums = np.bincount(group, weights=h[:i], minlength=levels)
-        counts = np.bincount(group, weights=nz, minlength=levels)
-        q = np.where(nz, sums[group] / np.maximum(counts[group], 1), 0.0)
-        kl = _kl(p, q)
-        if kl <= best:  # ties: keep the wider range
-            best, best_i = kl, i
-    return best_i
+    nz = h > 0
+    mass = np.concatenate([[0.0], np.cumsum(h)])  # mass[k] = sum(h[:k])
+    count = np.concatenate([[0], np.cumsum(nz)])
+    entropy = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
+    total = mass[n]
+    i = np.arange(levels, n + 1)  # candidates
+    # level g of candidate i holds bins [ceil(g i / levels), ceil((g + 1) i / levels))
+    edge = (np.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels
+    s, c = np.diff(mass[edge], axis=1), np.diff(count[edge], axis=1)
+    level_mean = s / np.maximum(c, 1)  # Q's value on each nonzero bin of the level
+    kl = entropy[i] - (s * _log(level_mean)).sum(axis=1)
+    # the last kept bin also holds the clipped tail t: its h log h becomes p log p - t log q
+    tail, last = total - mass[i], h[i - 1]
+    kl += _xlogx(last + tail) - _xlogx(last) - tail * _log(level_mean[:, -1])
+    kl = kl / total + _log(mass[i] / total)
+    kl[(tail > 0) & (last == 0)] = np.inf  # the tail lands where Q has no mass
+    return int(i[len(kl) - 1 - np.argmin(kl[::-1])])
 
 
 class EntropyObserver(_HistogramObserver):

@@ -5,7 +5,9 @@ torch.export (and with it the dynamo ONNX exporter) cannot trace them. This cust
 runs them in eager PyTorch, has a fake kernel for torch.export, and is written as ONNX
 ``QuantizeLinear`` + ``DequantizeLinear`` by the dynamo exporter (a custom translation)
 and by the TorchScript exporter (a custom symbolic). The integer type follows the range:
-``qmin < 0`` is int8, else uint8.
+``qmin < 0`` is int8, else uint8. A range narrower than the type's (int8's -127..127, a
+4-bit -8..7 or 0..15) puts a ``Clip`` to ``[qmin, qmax]`` between the two, as torch's own
+translation of ``fake_quantize_per_tensor_affine(..., 0, 127)`` does.
 
 Example::
 
@@ -44,24 +46,37 @@ def _(x, scale, zero_point, axis, qmin, qmax):
     return torch.empty_like(x)
 
 
+def _narrowed(qmin: int, qmax: int) -> tuple[int, bool]:
+    """The ONNX integer type for ``[qmin, qmax]`` and whether the range needs a Clip."""
+    if qmin < 0:
+        return onnx.TensorProto.INT8, (qmin, qmax) != (-128, 127)
+    return onnx.TensorProto.UINT8, (qmin, qmax) != (0, 255)
+
+
 def _onnx_qdq(x, scale, zero_point, axis: int, qmin: int, qmax: int):
-    to = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
+    to, clip = _narrowed(qmin, qmax)
     zp = op.Cast(zero_point, to=to)
-    if axis == PER_TENSOR:
-        q = op.QuantizeLinear(x, scale, zp)
-        return op.DequantizeLinear(q, scale, zp)
-    q = op.QuantizeLinear(x, scale, zp, axis=axis)
-    return op.DequantizeLinear(q, scale, zp, axis=axis)
+    extra = {} if axis == PER_TENSOR else {"axis": axis}
+    q = op.QuantizeLinear(x, scale, zp, **extra)
+    if clip:
+        q = op.Clip(q, op.Cast(qmin, to=to), op.Cast(qmax, to=to))
+    return op.DequantizeLinear(q, scale, zp, **extra)
 
 
 def _torchscript_qdq(g, x, scale, zero_point, axis, qmin, qmax):
     from torch.onnx import symbolic_helper as sh
 
-    axis, qmin = sh._get_const(axis, "i", "axis"), sh._get_const(qmin, "i", "qmin")
-    to = onnx.TensorProto.INT8 if qmin < 0 else onnx.TensorProto.UINT8
+    axis = sh._get_const(axis, "i", "axis")
+    qmin, qmax = sh._get_const(qmin, "i", "qmin"), sh._get_const(qmax, "i", "qmax")
+    to, clip = _narrowed(qmin, qmax)
     zp = g.op("Cast", zero_point, to_i=to)
     extra = {} if axis == PER_TENSOR else {"axis_i": axis}
     q = g.op("QuantizeLinear", x, scale, zp, **extra)
+    if clip:
+        dtype = torch.int8 if to == onnx.TensorProto.INT8 else torch.uint8
+        low = g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype))
+        high = g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype))
+        q = g.op("Clip", q, low, high)
     return g.op("DequantizeLinear", q, scale, zp, **extra)
 
 
