@@ -37,7 +37,8 @@ def _weight_shape(view: OpView) -> tuple[int, ...]:
     if w is not None:
         return tuple(w.shape)
     node = view.param_node("weight")
-    return tuple(node.meta["shape"])
+    shape = tuple(node.meta["shape"])
+    return shape[::-1] if "weight" in view.entry.transposed else shape
 
 
 def _conv_macs(view: OpView) -> int:
@@ -156,6 +157,30 @@ _op("linear", "linear",
     signature=("input", "weight", "bias"), defaults={"bias": None},
     params=("weight", "bias"), macs=_linear_macs,
     props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT))
+
+
+def _addmm_is_linear(node) -> bool:
+    # beta * bias + alpha * (x @ W) is a linear layer when both scales are 1 and the bias is
+    # a vector; a matrix ``self`` is a residual add, not a bias
+    bias = node.args[0] if node.args else node.kwargs.get("self")
+    shape = bias.meta.get("shape") if hasattr(bias, "meta") else getattr(bias, "shape", None)
+    return (
+        node.kwargs.get("beta", 1) == 1
+        and node.kwargs.get("alpha", 1) == 1
+        and (shape is None or len(shape) == 1)
+    )
+
+
+# aten.addmm(bias, x, W) with W [in, out]: GPT-2's Conv1D and some exports of nn.Linear. The
+# same kind as linear; fold_bn and static int8 keep to the other entry (their rewrites put
+# a per-channel transform on axis 0 of the stored weight, which is axis 1 here)
+_op("linear", "linear",
+    functions=(torch.addmm,), aten=("addmm", "addmm.default"),
+    signature=("bias", "input", "weight", "beta", "alpha"),
+    aten_names={"self": "bias", "mat1": "input", "mat2": "weight"},
+    transposed=("weight",), applies=_addmm_is_linear,
+    params=("weight", "bias"), attrs=(), macs=_linear_macs,
+    props=(_HALF,))
 _op("batch_norm", "norm",
     modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
     functions=(F.batch_norm,),

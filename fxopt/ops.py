@@ -56,6 +56,8 @@ class OpDef:
     category's defaults (``CATEGORY_PROPS``); ``effects`` is what the op does besides computing
     its result (``Effects.RANDOM`` for dropout). In-place forms (``relu_``, ``inplace=True``) add
     ``Effects.INPLACE`` by themselves, and ``Prop.MAY_ALIAS`` adds ``Effects.ALIAS``.
+    ``aten_names``, ``transposed`` and ``applies`` let an ATen op with another argument order
+    or weight layout be one more form of a kind: ``aten.addmm`` is a ``linear``.
     """
 
     kind: str
@@ -74,6 +76,16 @@ class OpDef:
     effects: Effects = Effects.PURE
     # brings ``attrs`` of every form to one spelling (conv ``stride=2`` -> ``(2, 2)``)
     normalize: Callable[[dict[str, Any], OpView], dict[str, Any]] | None = None
+    # ATen schema argument -> our name, where they differ by more than ``self``/``input``
+    # (``aten.addmm(self, mat1, mat2)`` is ``linear(bias, input, weight)``)
+    aten_names: dict[str, str] = field(default_factory=dict)
+    # parameters the graph holds transposed from the kind's layout (``addmm``'s ``mat2`` is
+    # ``[in, out]``, a linear weight ``[out, in]``): ``params`` reads them in the kind's
+    # layout and ``set_param`` writes them back transposed
+    transposed: tuple[str, ...] = ()
+    # the entry covers only nodes this accepts (``addmm`` is linear only with
+    # ``alpha == beta == 1`` and a 1-D bias); other nodes of the same target stay opaque
+    applies: Callable[[fx.Node], bool] | None = None
 
     def __post_init__(self) -> None:
         category = _enum_value(Category, self.category, f"op {self.kind!r}: category")
@@ -169,6 +181,13 @@ def _aten_keys(target: Any) -> list[str]:
 
 def lookup(node: fx.Node) -> tuple[OpDef | None, str]:
     """The table entry for ``node`` and the form it was captured in."""
+    entry, form = _lookup(node)
+    if entry is not None and entry.applies is not None and not entry.applies(node):
+        return None, form
+    return entry, form
+
+
+def _lookup(node: fx.Node) -> tuple[OpDef | None, str]:
     if node.op == "call_module":
         mod = _owning_module(node).get_submodule(node.target)
         for cls in type(mod).__mro__:
@@ -253,7 +272,10 @@ class OpView:
         if self.form == "aten" and isinstance(target, torch._ops.OpOverload):
             # the schema is the truth for ATen (aten.embedding takes weight first); only its
             # name for the main tensor differs from ours
-            return tuple(_aten_name(a.name, target) for a in target._schema.arguments)
+            names = self.entry.aten_names
+            return tuple(
+                names.get(a.name) or _aten_name(a.name, target) for a in target._schema.arguments
+            )
         return self.entry.signature
 
     def _bind(self) -> dict[str, Any]:
@@ -266,7 +288,8 @@ class OpView:
             for name, a in zip(names, target._schema.arguments, strict=True):
                 if a.has_default_value():
                     bound[name] = a.default_value
-            kwargs = {_aten_name(k, target): v for k, v in kwargs.items()}
+            renamed = self.entry.aten_names
+            kwargs = {renamed.get(k) or _aten_name(k, target): v for k, v in kwargs.items()}
         args = self.node.args
         if len(args) > len(names):  # e.g. varargs x.view(2, 3) / x.permute(0, 2, 1)
             bound.update(zip(names[:-1], args[: len(names) - 1]))
@@ -332,6 +355,8 @@ class OpView:
                 out[p] = src
             else:
                 out[p] = None
+            if p in self.entry.transposed and out[p] is not None:
+                out[p] = out[p].t()
         return out
 
     # ------------------------------------------------------------------ writing
@@ -366,6 +391,8 @@ class OpView:
         if value is None:
             self._replace_arg(name, None)
             return
+        if name in self.entry.transposed:
+            value = value.t().contiguous()
         if (
             isinstance(src, fx.Node)
             and src.op == "get_attr"

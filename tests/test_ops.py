@@ -577,3 +577,61 @@ def test_dropout_is_never_pure_and_placeholders_are_not_pure() -> None:
     assert kinds["input_1"] == ("placeholder", False)
     assert kinds["_0"] == ("linear", True)
     assert kinds["_1"] == ("dropout", False)
+
+
+# --------------------------------------------------------------------------- addmm as linear
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self, nin: int = 8, nout: int = 6, beta: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nin, nout))
+        self.bias = nn.Parameter(torch.randn(nout))
+        self.beta = beta
+
+    def forward(self, x):
+        flat = x.view(-1, x.size(-1))
+        if self.beta != 1.0:
+            return torch.addmm(self.bias, flat, self.weight, beta=self.beta)
+        return torch.addmm(self.bias, flat, self.weight)
+
+
+def _addmm_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if "addmm" in str(n.target))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_addmm_is_linear_with_weight_in_linear_layout(mode):
+    model, x = Conv1D().eval(), torch.randn(2, 3, 8)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    view = op_of(_addmm_node(gm))
+    assert view.kind == "linear" and view.input.op != "get_attr"
+    assert torch.equal(view.params["weight"], model.weight.t())  # [out, in], as nn.Linear
+    assert torch.equal(view.params["bias"], model.bias)
+    assert view.macs() == 6 * 6 * 8
+    assert fxopt.inspect(gm).macs_by_kind["linear"] == 6 * 6 * 8
+    # set_param takes the linear layout and stores it back as addmm's [in, out]
+    new_w = torch.randn(6, 8)
+    view.set_param("weight", new_w)
+    gm.graph.lint()
+    gm.recompile()
+    expected = F.linear(x.view(-1, 8), new_w, model.bias)
+    torch.testing.assert_close(gm(x), expected)
+    assert torch.equal(op_of(_addmm_node(gm)).params["weight"], new_w)
+
+
+def test_addmm_with_scaled_terms_or_matrix_self_stays_opaque():
+    x = torch.randn(6, 8)
+    gm = fxopt.capture(Conv1D(beta=0.5).eval(), (x,), mode="export")
+    assert kind_of(_addmm_node(gm)) == "opaque"
+
+    class Residual(nn.Module):  # addmm(h, x, W): a residual add of a matrix, not a bias
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return torch.addmm(x, x, self.w)
+
+    gm = fxopt.capture(Residual().eval(), (x,), mode="export")
+    assert kind_of(_addmm_node(gm)) == "opaque"

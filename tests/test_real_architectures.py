@@ -57,13 +57,6 @@ _ASSERT_METADATA = (
     "inputs: \"PassError: pass half(dtype={dtype}) left a graph that is invalid or fails to "
     "run: RuntimeError: ShapeProp error for: node=%_assert_tensor_metadata_default...\""
 )
-_ADDMM = (
-    "GPT-2's Conv1D is aten.addmm(bias, x, W) in the export, and aten.addmm has no entry in "
-    "fxopt's op table (op_of(...).kind == 'opaque'), so dynamic int8 finds no layer: "
-    "\"QuantizationError: nothing to quantize: dynamic int8 covers linear layers (and x @ W "
-    "with a constant W), and none is left (no linear layers)\""
-)
-
 _BF16_TOLERANCE = (
     "the half pass verifies bf16 with its fp16 tolerance (HALF_TOLERANCE rtol=3e-2, "
     "min_cosine 0.999, fxopt/passes/half.py), though bf16 keeps 3 fewer mantissa bits: "
@@ -78,7 +71,6 @@ _INT8_CNN = (
 )
 
 XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
-    ("gpt2", "int8"): (_ADDMM, fxopt.QuantizationError),
     ("resnet", "bf16"): (_BF16_TOLERANCE.format(err="0.229", rel="0.0349", cos="0.999334"),
                          fxopt.PassError),
     ("mobilenet-v2", "bf16"): (_BF16_TOLERANCE.format(err="1.09", rel="0.182", cos="0.994456")

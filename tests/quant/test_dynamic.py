@@ -308,6 +308,45 @@ def test_weight_computed_in_graph_is_skipped_with_reason():
     assert count_kinds(gm)["linear"] == 1
 
 
+class Conv1DBlock(nn.Module):
+    """GPT-2's MLP: two Conv1D layers, ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 32) / 4), nn.Parameter(torch.randn(32))
+        self.w2, self.b2 = nn.Parameter(torch.randn(32, 16) / 6), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x.reshape(-1, 16), self.w1)
+        h = torch.addmm(self.b2, torch.nn.functional.gelu(h), self.w2)
+        return h.reshape(2, 5, 16)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_addmm_layers_quantized_like_linear_and_exported(mode, tmp_path):
+    model, x = Conv1DBlock().eval(), torch.randn(2, 5, 16)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    with torch.no_grad():
+        ref = gm(x)
+    stats = apply_dynamic_int8(gm)
+    kinds = count_kinds(gm)
+    assert len(stats["quantized"]) == 2 and kinds["dynamic_int8_linear"] == 2
+    assert not kinds["linear"] and not kinds["opaque"]
+    # the int8 weights are the [in, out] matrices themselves, quantized per output column
+    (q1, s1), (q2, s2) = quantize_weight(model.w1.t()), quantize_weight(model.w2.t())
+    int8 = sorted((t for t in gm.state_dict().values() if t.dtype == torch.int8), key=len)
+    assert [tuple(t.shape) for t in int8] == [(16, 32), (32, 16)]
+    assert torch.equal(int8[0], q1.t()) and torch.equal(int8[1], q2.t())
+    assert stats["weight_bytes_before"] == (16 * 32 * 2) * 4
+    with torch.no_grad():
+        out = gm(x)
+        h = dynamic_int8_linear(x.reshape(-1, 16), q1.t(), s1, model.b1)
+        expected = dynamic_int8_linear(nn.functional.gelu(h), q2.t(), s2, model.b2)
+    assert torch.equal(out, expected.reshape(2, 5, 16))
+    assert _cosine(out, ref) >= 0.99
+    fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx", dynamic=False)
+
+
 # --------------------------------------------------------------------------- eager artifacts
 
 
