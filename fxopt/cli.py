@@ -105,6 +105,69 @@ def load_spec(spec: str, input_shapes: list[str] | None = None) -> tuple[nn.Modu
     )
 
 
+def load_calibration(spec: str, example_inputs: tuple, limit: int | None = None) -> list[tuple]:
+    """Calibration batches from ``--calibration-data SPEC`` (``file.py:factory`` or
+    ``pkg.module:factory``): the factory returns an iterable of batches, each a tensor or a
+    tuple of tensors, one per model input, shaped like ``example_inputs`` but for the batch
+    size. At most ``limit`` batches are taken. Raises ``SpecError`` naming what was expected.
+
+    Example::
+
+        batches = load_calibration("mydata.py:calibration_batches", (torch.randn(1, 64),))
+    """
+    flag = f"--calibration-data {spec}"
+    if ":" not in spec:
+        raise SpecError(f"{flag}: expected file.py:factory or package.module:factory")
+    where, _, attr = spec.rpartition(":")
+    factory = getattr(_import_where(where, spec), attr, None)
+    if factory is None:
+        raise SpecError(f"{flag}: {where!r} has no attribute {attr!r}")
+    try:
+        made = factory() if callable(factory) else factory
+        batches = []
+        for batch in made:
+            batches.append(_check_batch(batch, len(batches), example_inputs, flag))
+            if limit is not None and len(batches) >= limit:
+                break
+    except SpecError:
+        raise
+    except TypeError as e:
+        if "not iterable" not in str(e):
+            raise SpecError(f"{flag}: the factory raised TypeError: {e}") from e
+        raise SpecError(
+            f"{flag}: the factory returned {type(made).__name__}, not an iterable of batches "
+            "(a list, generator or DataLoader of tensors or tuples of tensors)"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
+        raise SpecError(f"{flag}: the factory raised {type(e).__name__}: {e}") from e
+    if not batches:
+        raise SpecError(f"{flag}: the factory yielded no batches")
+    return batches
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _check_batch(batch: Any, index: int, example: tuple, flag: str) -> tuple:
+    """``batch`` as a tuple of tensors matching ``example`` in count, dtype and non-batch
+    dims, else a ``SpecError`` that names the expected inputs."""
+    expected = ", ".join(
+        f"(N, {', '.join(map(str, t.shape[1:]))}) {str(t.dtype).removeprefix('torch.')}"
+        if t.dim() else _describe(t) for t in example
+    )
+    hint = f"the model takes {len(example)} input(s): {expected}"
+    items = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    if len(items) != len(example) or not all(isinstance(t, torch.Tensor) for t in items):
+        got = ", ".join(_describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+                        for t in items)
+        raise SpecError(f"{flag}: batch {index} is ({got}); {hint}")
+    for i, (t, ref) in enumerate(zip(items, example, strict=True)):
+        if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
+            raise SpecError(f"{flag}: batch {index}, input {i} is {_describe(t)}; {hint}")
+    return items
+
+
 def _import_where(where: str, spec: str) -> Any:
     if where.endswith(".py") or os.sep in where:
         path = Path(where)
@@ -156,12 +219,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     parse_pipeline(args.pipeline)  # a bad spec fails before any capture work
     model, inputs, name = load_spec(args.spec, args.input_shape)
     _progress(f"capturing {name} ({args.mode})")
-    from fxopt.verify import random_like_inputs
+    if args.calibration_data:
+        calibration = load_calibration(args.calibration_data, inputs, args.calibration_batches)
+        _progress(f"calibration: {len(calibration)} batches from {args.calibration_data}")
+    else:
+        from fxopt.verify import random_like_inputs
 
-    # the command line has no dataset: static int8 calibrates on random inputs shaped like
-    # the example (use the Python API with real batches for real accuracy)
-    calibration = [inputs] + [random_like_inputs(inputs, seed=i + 1)
-                              for i in range(max(args.calibration_batches - 1, 0))]
+        # no dataset named: random inputs shaped like the example are a smoke test, not a
+        # calibration (--calibration-data pkg.module:factory gives real batches)
+        calibration = [inputs] + [random_like_inputs(inputs, seed=i + 1)
+                                  for i in range(max((args.calibration_batches or 8) - 1, 0))]
     res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,
                          progress=_progress, calibration=calibration)
     print(res.report)
@@ -298,8 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"),
                    help="ONNX exporter (onnx target; default auto)")
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
-    p.add_argument("--calibration-batches", type=int, default=8, metavar="N",
-                   help="static int8: calibrate on the example and N-1 random batches like it "
+    p.add_argument("--calibration-data", metavar="SPEC",
+                   help="file.py:factory or package.module:factory returning an iterable of "
+                        "calibration batches (tensors or tuples of tensors)")
+    p.add_argument("--calibration-batches", type=int, default=None, metavar="N",
+                   help="static int8: use at most N batches of --calibration-data (default "
+                        "all); without it, the example and N-1 random batches like it "
                         "(default 8)")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.set_defaults(fn=cmd_optimize)

@@ -209,3 +209,68 @@ def test_optimize_prints_no_line_per_calibration_batch(capsys, tmp_path):
     assert code == 0, err
     assert "calibrating" not in err  # a tqdm bar on a terminal, nothing in a log
     assert "[1/" in err  # the per-pass lines stay
+
+
+# --------------------------------------------------------------------------- calibration data
+DIGITS = str(Path(__file__).with_name("digits_data.py"))
+
+
+def _digits_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_data", DIGITS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("factory", ["batches", "tuple_batches"])
+def test_optimize_calibrates_on_real_batches_from_a_factory(capsys, tmp_path, factory):
+    data = _digits_module()
+    report = tmp_path / "r.json"
+    code, _, err = run(capsys, "optimize", f"{DIGITS}:model", "--pipeline",
+                       "quantize(scheme=int8)", "--calibration-data", f"{DIGITS}:{factory}",
+                       "-o", str(tmp_path / "m"), "--report-json", str(report))
+    assert code == 0, err
+    assert f"calibration: {data.BATCHES} batches from" in err
+    (quant,) = [r for r in json.loads(report.read_text()) if r["name"].startswith("quantize")]
+    assert quant["stats"]["calibration_batches"] == data.BATCHES
+    # --calibration-batches caps how many of the factory's batches are used
+    code, _, err = run(capsys, "optimize", f"{DIGITS}:model", "--pipeline",
+                       "quantize(scheme=int8)", "--calibration-data", f"{DIGITS}:{factory}",
+                       "--calibration-batches", "2", "-o", str(tmp_path / "m2"))
+    assert code == 0 and "calibration: 2 batches from" in err
+
+
+def test_calibration_data_from_a_package_module(monkeypatch):
+    from fxopt.cli import load_calibration
+
+    data = _digits_module()
+    monkeypatch.syspath_prepend(str(Path(DIGITS).parent))
+    _, example = data.model()
+    batches = load_calibration("digits_data:batches", example)
+    assert len(batches) == data.BATCHES
+    assert all(torch.equal(b[0], ref) for b, ref in zip(batches, data.batches(), strict=True))
+
+
+@pytest.mark.parametrize(("factory", "needle"), [
+    ("wrong_width", "batch 1, input 0 is (4, 65) float32; the model takes 1 input(s): (N, 64) "
+                    "float32"),
+    ("wrong_count", "batch 0 is ((4, 64) float32, (4, 64) float32); the model takes 1 input(s)"),
+    ("not_iterable", "returned int, not an iterable of batches"),
+    ("fails", "the factory raised RuntimeError: dataset not mounted"),
+    ("empty", "yielded no batches"),
+    ("missing", "has no attribute 'missing'"),
+])
+def test_bad_calibration_data_is_a_spec_error_and_writes_nothing(capsys, tmp_path, factory,
+                                                                needle):
+    out = tmp_path / "m"
+    code, _, err = run(capsys, "optimize", f"{DIGITS}:model", "--pipeline",
+                       "quantize(scheme=int8)", "--calibration-data", f"{DIGITS}:{factory}",
+                       "-o", str(out))
+    assert code == 2 and needle in err and "--calibration-data" in err
+    assert not out.exists()
+    with pytest.raises(SpecError, match="file.py:factory or package.module:factory"):
+        from fxopt.cli import load_calibration
+
+        load_calibration("no_colon", (torch.randn(1, 64),))
