@@ -24,8 +24,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fxopt tests examples benchmarks
 
+# make bench                      every script in benchmarks/ (long)
+# make bench BENCH="--only latency"  one of them; BENCH=--list shows them
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
