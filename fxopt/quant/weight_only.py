@@ -238,8 +238,8 @@ def apply_weight_only(gm: fx.GraphModule, *, bits: int = 8, group_size: int | No
             continue
         name = layer_name(node)
         reason = "skip pattern" if matches(node, skip) else _ineligible(view, bits, include_conv)
-        if not reason and id(view.params["weight"]) in readers:
-            other = readers[id(view.params["weight"])]
+        if not reason and _storage(view.params["weight"]) in readers:
+            other = readers[_storage(view.params["weight"])]
             reason = f"weight is also read by node '{other}' (tied); both copies would stay"
         if reason:
             skipped.append((name, reason))
@@ -267,7 +267,10 @@ def apply_weight_only(gm: fx.GraphModule, *, bits: int = 8, group_size: int | No
     dead: set[fx.Node] = set()
     for node, view, name in plan:
         weight, bias = view.params["weight"], view.params["bias"]
-        key = (id(weight), id(bias) if bias is not None else None, repr(view.attrs))
+        # by storage, not id(): an op whose weight is stored transposed (addmm) gives a fresh
+        # view each time, and a freed view's id can be reused by the next layer's
+        key = (_view_key(weight), _view_key(bias) if bias is not None else None,
+               repr(view.attrs))
         if key not in made:
             made[key] = fresh_attr(gm, re.sub(r"\W", "_", name) + f"_w{bits}")
             if view.kind == "linear":
@@ -320,8 +323,17 @@ def _ineligible(view: OpView, bits: int, include_conv: bool) -> str | None:
     return None
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (_storage(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def _weight_readers(gm: fx.GraphModule) -> dict[int, str]:
-    """id(tensor) -> a node reading it other than as a linear/conv weight (tied weights)."""
+    """Storage of a tensor -> a node reading it other than as a linear/conv weight (tied
+    weights)."""
     out: dict[int, str] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
@@ -329,11 +341,11 @@ def _weight_readers(gm: fx.GraphModule) -> dict[int, str]:
             for u in n.users:
                 uv = op_of(u)
                 if uv.kind not in ("linear", "conv") or uv.param_node("weight") is not n:
-                    out.setdefault(id(t), u.name)
+                    out.setdefault(_storage(t), u.name)
         elif n.op == "call_module" and op_of(n).kind not in ("linear", "conv"):
             mod = gm.get_submodule(str(n.target))
             for t in [*mod.parameters(), *mod.buffers()]:
-                out.setdefault(id(t), n.name)
+                out.setdefault(_storage(t), n.name)
     return out
 
 

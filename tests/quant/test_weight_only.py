@@ -262,6 +262,34 @@ def test_tied_weight_is_skipped():
     assert gm.embed.weight.dtype == torch.float32
 
 
+class Conv1DPair(nn.Module):
+    """GPT-2's Conv1D twice (``addmm(bias, x, W)``, ``W`` stored ``[in, out]``), the second
+    weight also read by a matmul: distinct layers get distinct modules, the tie is seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32))
+        self.w2, self.b2 = nn.Parameter(torch.randn(32, 32)), nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x, self.w1)
+        return torch.addmm(self.b2, torch.relu(h), self.w2) + h @ self.w2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_addmm_layers_are_linears_and_ties_through_them_are_seen(mode):
+    m, x = Conv1DPair().eval(), torch.randn(4, 16)
+    gm = fxopt.capture(m, (x,), mode=mode)
+    stats = apply_weight_only(gm, bits=8, group_size=None)
+    assert len(stats["quantized"]) == 1
+    ((_, reason),) = stats["skipped"]
+    assert "tied" in reason
+    (wo,) = _wo_modules(gm)
+    # the int8 layer holds the [in, out] matrix as an [out, in] linear weight
+    assert _cosine(_run(wo, (torch.eye(16),)) - m.b1, m.w1) > 0.999
+    assert _cosine(_run(gm, (x,)), _run(m, (x,))) > 0.999
+
+
 # --------------------------------------------------------------------------- errors
 
 
