@@ -119,7 +119,11 @@ def load_calibration(spec: str, example_inputs: tuple, limit: int | None = None)
     if ":" not in spec:
         raise SpecError(f"{flag}: expected file.py:factory or package.module:factory")
     where, _, attr = spec.rpartition(":")
-    factory = getattr(_import_where(where, spec), attr, None)
+    try:
+        module = _import_where(where, spec)
+    except SpecError as e:
+        raise SpecError(f"{flag}: {e}") from e
+    factory = getattr(module, attr, None)
     if factory is None:
         raise SpecError(f"{flag}: {where!r} has no attribute {attr!r}")
     try:
@@ -172,7 +176,7 @@ def _import_where(where: str, spec: str) -> Any:
     if where.endswith(".py") or os.sep in where:
         path = Path(where)
         if not path.is_file():
-            raise SpecError(f"model file {where!r} does not exist (from SPEC {spec!r})")
+            raise SpecError(f"file {where!r} does not exist (from SPEC {spec!r})")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.path.insert(0, str(path.parent.resolve()))

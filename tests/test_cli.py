@@ -270,7 +270,15 @@ def test_bad_calibration_data_is_a_spec_error_and_writes_nothing(capsys, tmp_pat
                        "-o", str(out))
     assert code == 2 and needle in err and "--calibration-data" in err
     assert not out.exists()
-    with pytest.raises(SpecError, match="file.py:factory or package.module:factory"):
-        from fxopt.cli import load_calibration
 
+
+def test_bad_calibration_spec_names_the_flag():
+    from fxopt.cli import load_calibration
+
+    with pytest.raises(SpecError, match="file.py:factory or package.module:factory"):
         load_calibration("no_colon", (torch.randn(1, 64),))
+    with pytest.raises(SpecError, match="--calibration-data nowhere/data.py:f: file "
+                                        "'nowhere/data.py' does not exist"):
+        load_calibration("nowhere/data.py:f", (torch.randn(1, 64),))
+    with pytest.raises(SpecError, match="--calibration-data no_such_pkg.data:f: cannot import"):
+        load_calibration("no_such_pkg.data:f", (torch.randn(1, 64),))
