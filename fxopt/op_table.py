@@ -172,15 +172,15 @@ def _addmm_is_linear(node) -> bool:
 
 
 # aten.addmm(bias, x, W) with W [in, out]: GPT-2's Conv1D and some exports of nn.Linear. The
-# same kind as linear; fold_bn and static int8 keep to the other entry (their rewrites put
-# a per-channel transform on axis 0 of the stored weight, which is axis 1 here)
+# same kind as linear (static int8 puts its per-channel weight fake-quant on the stored
+# tensor's axis 1); fold_bn keeps to the other entry, its rewrites scale axis 0
 _op("linear", "linear",
     functions=(torch.addmm,), aten=("addmm", "addmm.default"),
     signature=("bias", "input", "weight", "beta", "alpha"),
     aten_names={"self": "bias", "mat1": "input", "mat2": "weight"},
     transposed=("weight",), applies=_addmm_is_linear,
     params=("weight", "bias"), attrs=(), macs=_linear_macs,
-    props=(_HALF,))
+    props=(_HALF, Prop.WEIGHT_QUANT))
 _op("batch_norm", "norm",
     modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
     functions=(F.batch_norm,),

@@ -354,11 +354,14 @@ def _quantize_weight(gm: fx.GraphModule, node: fx.Node, observer: str, per_chann
     weight = view.params.get("weight")
     if w_node is None or weight is None or w_node.op != "get_attr":
         return 0  # a computed weight: leave it in float
-    axis = 0 if per_channel else None
+    # output channels are axis 0 of the stored weight, or axis 1 where the graph holds it
+    # transposed (addmm's [in, out]): the fake-quant sits on the stored tensor
+    stored, out_axis = (weight.t(), 1) if "weight" in view.entry.transposed else (weight, 0)
+    axis = out_axis if per_channel else None
     fq = FakeQuantize(bits=8, signed=True, symmetric=True, axis=axis,
                       channels=weight.shape[0] if per_channel else 1,
                       observer_kind=observer, mode="observe")
-    fq(weight.detach())
+    fq(stored.detach())
     fq.freeze(where=f"the weight of {layer_name(node)}")
     name = fresh_attr(gm, f"{node.name}_weight_fq")
     gm.add_submodule(name, fq)

@@ -230,3 +230,50 @@ def test_bad_options(zoo_model, spec, match):
 def test_no_deprecation_warning_reaches_the_user(zoo_model, recwarn):
     _quantized(zoo_model, "resnet", "ort")
     assert not [w for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+
+
+class Conv1DBlock(nn.Module):
+    """GPT-2's Conv1D twice: ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 32) / 4), nn.Parameter(torch.randn(32))
+        self.w2, self.b2 = nn.Parameter(torch.randn(32, 16) / 6), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x, self.w1)
+        return torch.addmm(self.b2, torch.relu(h), self.w2)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_addmm_weights_are_quantized_per_output_column_and_export(tmp_path, mode):
+    model, x = Conv1DBlock().eval(), torch.randn(8, 16)
+    calibration = [(torch.randn(8, 16),) for _ in range(4)]
+    res = fxopt.optimize(model, (x,), "quantize(scheme=int8)", mode=mode,
+                         calibration=calibration)
+    gm = res.module
+    fqs = {n.args[0].target: gm.get_submodule(n.target) for n in gm.graph.nodes
+           if n.op == "call_module" and n.target.endswith("weight_fq")}
+    assert len(fqs) == 2
+    for fq in fqs.values():
+        assert fq.axis == 1  # the stored [in, out] weight's output columns
+    for target, fq in fqs.items():
+        w = fetch(gm, target)
+        assert fq.scale.flatten().shape == (w.shape[1],)
+        with torch.no_grad():
+            steps = fq(w) / fq.scale.flatten()[None, :]  # whole steps of its column's scale
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+        assert steps.abs().max() <= 128
+    with torch.no_grad():
+        assert cosine(model(x), gm(x)) > 0.99
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx")
+    kernels = _optimized_ops(art.path)
+    assert kernels["DequantizeLinear"] + kernels["MatMulIntegerToFloat"] + \
+        kernels["QLinearMatMul"] >= 2, kernels
+
+
+
+def fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    from fxopt.ops import fetch_attr
+
+    return fetch_attr(gm, target)
