@@ -155,11 +155,15 @@ def clean(model: ir.Model) -> dict[str, int]:
     """
     before = _count_nodes(model)
     with quiet():
-        for _ in range(2):  # shapes inferred after one fold expose the next fold
+        nodes = -1
+        for _ in range(4):  # shapes inferred after one fold expose the next fold
             onnxscript_optimizer.optimize_ir(model, should_fold=_keep_packed_weights)
             ir_passes.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
             onnxscript_rewriter.rewrite(model)  # its default rules: MaterializeReshapeShape…
             onnxscript_rewriter.rewrite(model, RULES)
+            ir_passes.IdentityEliminationPass()(model)
+            if nodes == (nodes := _count_nodes(model)):
+                break
         for p in (
             ir_passes.IdentityEliminationPass(),
             ir_passes.CommonSubexpressionEliminationPass(),
@@ -214,8 +218,36 @@ class SliceOfShape(onnxscript_rewriter.RewriteRuleClassBase):
         return op.Shape(x, start=self._start, **({} if end is None else {"end": end}))
 
 
+class ReshapeToOwnShape(onnxscript_rewriter.RewriteRuleClassBase):
+    """``Reshape(x, [a, -1, c])`` -> ``x`` when ``x`` already has rank 3 and dims ``a``
+    and ``c``: the element count fixes the -1 to ``x``'s own dimension.
+
+    onnxscript's folder removes a Reshape only when both shapes are equal as written; a
+    dynamic batch leaves ``x``'s dimension symbolic (named differently from any other),
+    so the reshapes that attention writes around its head split survived.
+    """
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape)
+
+    def check(self, context, x, shape) -> onnxscript_rewriter.MatchResult:
+        result = onnxscript_rewriter.MatchResult()
+        target = _int_array(shape)
+        if target is None or x.shape is None or target.ndim != 1:
+            return result.fail("Target or input shape unknown.")
+        if len(target) != len(x.shape) or np.count_nonzero(target == -1) != 1:
+            return result.fail("Not a same-rank reshape with one -1.")
+        for want, have in zip(target.tolist(), x.shape):
+            if want != -1 and not (want > 0 and isinstance(have, int) and have == want):
+                return result.fail(f"Dimension {have} is not {want}.")
+        return result
+
+    def rewrite(self, op, x, shape):
+        return op.Identity(x)
+
+
 # fxopt's own rules, applied after onnxscript's defaults
-RULES = onnxscript_rewriter.RewriteRuleSet([SliceOfShape.rule()])
+RULES = onnxscript_rewriter.RewriteRuleSet([SliceOfShape.rule(), ReshapeToOwnShape.rule()])
 
 
 def _keep_packed_weights(node: ir.Node) -> bool | None:
