@@ -263,6 +263,9 @@ class BatchedLinearToGemm(onnxscript_rewriter.RewriteRuleClassBase):
         result = onnxscript_rewriter.MatchResult()
         if any(v.dtype != ir.DataType.FLOAT for v in (x, w, b)):
             return result.fail("Gemm is used for float32 only.")
+        if any(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+               for v in (x, w)):  # a reshape would split ONNX Runtime's Q/DQ MatMul unit
+            return result.fail("A quantized MatMul stays as the Q/DQ pass wrote it.")
         if x.shape is None or w.shape is None or b.shape is None:
             return result.fail("Shapes unknown.")
         xs, ws = list(x.shape), list(w.shape)
