@@ -106,7 +106,8 @@ def check_inputs(specs: Sequence[dict | None] | None, inputs: Sequence[Any], wha
     expected = f"{what} expects {format_specs(specs)}"
     if len(inputs) != len(specs):
         raise InputSpecError(
-            f"{expected}: {len(specs)} input(s), got {len(inputs)}: {_describe_all(inputs)}")
+            f"{what} takes {len(specs)} input(s) {format_specs(specs)}, got {len(inputs)}: "
+            f"{_describe_all(inputs)}")
     seen: dict[str, tuple[int, str]] = {}
     for spec, x in zip(specs, inputs, strict=True):
         if spec is None:

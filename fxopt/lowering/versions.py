@@ -70,7 +70,7 @@ def check_versions(
     theirs = _major(manifest.get(keys[1]))
     if torch_major and theirs is not None and theirs != _major(torch.__version__):
         raise ArtifactVersionError(
-            f"{head} with torch major version {theirs}; this is {now}, and the ops and "
+            f"{head}, under torch major version {theirs}; this is {now}, and the ops and "
             f"modules it rebuilds are torch {theirs}.x ones. Lower the model again under this "
             f"torch, or load it where torch {theirs}.x is installed.")
 
