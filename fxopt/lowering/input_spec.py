@@ -56,7 +56,9 @@ def spec_for_eager(gm: fx.GraphModule, inputs: tuple) -> list[dict | None] | Non
     Names are ``gm``'s placeholders and dtypes those of the example inputs. Dims come from
     the placeholders' ``torch.export`` values where present (ints stay static, symbols are
     dynamic); a symbolic-trace graph carries no such record, so dim 0 is the dynamic
-    ``"batch"`` and the other dims are the example's. None when the inputs are not one
+    ``"batch"`` (unless ``fxopt.capture`` found that another batch size breaks the graph;
+    inputs whose dim 0 differs from the first input's keep it static) and the other dims
+    are the example's. None when the inputs are not one
     flat tensor (or value) per placeholder: such calls are left to the graph itself.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.Conv2d(3, 4, 1))
@@ -66,6 +68,10 @@ def spec_for_eager(gm: fx.GraphModule, inputs: tuple) -> list[dict | None] | Non
     placeholders = gm.graph.find_nodes(op="placeholder")
     if len(placeholders) != len(inputs):
         return None
+    capture = (gm.meta.get("fxopt") or {}).get("capture") or {}
+    sizes = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    # capture tried another batch size; a graph fxopt did not capture is batch-agnostic
+    batch = sizes[0] if sizes and capture.get("dynamic_batch", True) else None
     specs: list[dict | None] = []
     for node, x in zip(placeholders, inputs, strict=True):
         if not isinstance(x, torch.Tensor):
@@ -75,7 +81,7 @@ def spec_for_eager(gm: fx.GraphModule, inputs: tuple) -> list[dict | None] | Non
         if isinstance(val, torch.Tensor) and val.dim() == x.dim():
             dims = [_dim(d) for d in val.shape]
         else:
-            dims = ["batch" if i == 0 else int(s) for i, s in enumerate(x.shape)]
+            dims = ["batch" if i == 0 and s == batch else int(s) for i, s in enumerate(x.shape)]
         specs.append({"name": str(node.target), "dtype": _dtype_name(x.dtype), "shape": dims})
     return specs
 

@@ -233,3 +233,26 @@ def test_onnx_newer_format_names_both_versions(onnx_art, tmp_path):
                        match=r"written by fxopt 7\.0\.0 with torch .*format_version 5.*"
                              r"upgrade fxopt.*lower the model again"):
         fxopt.load(f)
+
+
+class BatchBound(nn.Module):
+    """Works only at the batch size it was traced with (a reshape bakes it in)."""
+
+    def forward(self, x, table):
+        return x.reshape(2, -1).sum(1) + table.sum()
+
+
+def test_batch_stays_static_where_capture_found_it_fixed(tmp_path):
+    inputs = (torch.randn(2, 3), torch.randn(5))
+    gm = fxopt.capture(BatchBound(), inputs, mode="symbolic")
+    assert gm.meta["fxopt"]["capture"]["dynamic_batch"] is False
+    art = fxopt.lower(gm, "eager", inputs, path=tmp_path / "art")
+    assert [format_spec(s) for s in art.input_spec] == ["x: float32[2, 3]", "table: float32[5]"]
+    with pytest.raises(InputSpecError, match=r"size 3 at dim 0, expected 2 \(static\)"):
+        art(torch.randn(3, 3), torch.randn(5))
+
+
+def test_inputs_of_another_leading_size_keep_it_static(tmp_path):
+    gm = fx.symbolic_trace(BatchBound())
+    spec = spec_for_eager(gm, (torch.randn(2, 3), torch.randn(5)))
+    assert [format_spec(s) for s in spec] == ["x: float32[batch, 3]", "table: float32[5]"]
