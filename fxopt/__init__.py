@@ -13,8 +13,10 @@ Example::
 from fxopt import ops, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
+    ArtifactVersionError,
     CaptureError,
     FxoptError,
+    InputSpecError,
     LoweringError,
     PassError,
     QuantizationError,
@@ -97,8 +99,10 @@ def check_trt(model, trt_version: int = 10, dim_bounds=None):
 
 __all__ = [
     "PIPELINES",
+    "ArtifactVersionError",
     "CaptureError",
     "FxoptError",
+    "InputSpecError",
     "LoweringError",
     "OptimizeResult",
     "Pass",

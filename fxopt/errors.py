@@ -30,3 +30,12 @@ class SpecError(FxoptError):
 
 class FxoptWarning(UserWarning):
     """Something worked, but not the way the user asked (e.g. an exporter fallback)."""
+
+
+class InputSpecError(LoweringError):
+    """An artifact was called with inputs that do not fit its input spec (count, dtype,
+    rank or a static dim); raised before anything runs."""
+
+
+class ArtifactVersionError(LoweringError):
+    """An artifact was written by an fxopt / torch / format version this one cannot load."""

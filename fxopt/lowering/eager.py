@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.errors import LoweringError
+from fxopt.errors import ArtifactVersionError, InputSpecError, LoweringError
 from fxopt.lowering import (
     Artifact,
     assert_artifact_matches,
@@ -37,6 +37,7 @@ from fxopt.lowering.eager_rebuild import module_specs, rebuild_modules
 from fxopt.lowering.eager_storage import (
     FILES,
     FORMAT,
+    VERSION_KEYS,
     assign_tensors,
     manifest_for,
     read_files,
@@ -45,10 +46,16 @@ from fxopt.lowering.eager_storage import (
 )
 from fxopt.lowering.graph_json import graph_from_json, graph_to_json
 from fxopt.lowering.input_guard import is_export_guard
+from fxopt.lowering.input_spec import check_inputs
+from fxopt.lowering.versions import version_note
 
 
 class EagerArtifact(Artifact):
-    """A loaded eager folder: ``art(*inputs)``, ``art.module``, ``art.manifest``."""
+    """A loaded eager folder: ``art(*inputs)``, ``art.module``, ``art.manifest``.
+
+    Calls are checked against ``art.input_spec`` (from the manifest) before anything runs:
+    a wrong count, dtype, rank or static dim raises InputSpecError.
+    """
 
     kind = "eager"
 
@@ -56,8 +63,12 @@ class EagerArtifact(Artifact):
         self.path = Path(path)
         self.manifest = manifest
         self.module = module
+        self.input_spec = manifest.get("input_spec")
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self.input_spec is not None:
+            inputs, kwargs = _by_position(self.input_spec, inputs, kwargs), {}
+            check_inputs(self.input_spec, inputs, f"eager artifact {self.path.name}")
         with torch.no_grad():
             return self.module(*inputs, **kwargs)
 
@@ -81,6 +92,23 @@ class EagerArtifact(Artifact):
 
     def __repr__(self) -> str:
         return f"EagerArtifact(path={str(self.path)!r}, nodes={len(self.module.graph.nodes)})"
+
+
+def _by_position(specs: list, inputs: tuple, kwargs: dict) -> tuple:
+    """``inputs`` followed by the keyword arguments in spec order (unknown names refused)."""
+    if not kwargs:
+        return inputs
+    names = [(s or {}).get("name") for s in specs]
+    unknown = sorted(k for k in kwargs if k not in names[len(inputs):])
+    if unknown:
+        raise InputSpecError(
+            f"unexpected keyword argument(s) {unknown}; the inputs are {names} "
+            f"({len(inputs)} given by position)")
+    rest = names[len(inputs):]
+    missing = [n for n in rest if n not in kwargs]
+    if missing:
+        raise InputSpecError(f"missing input(s) {missing}; the inputs are {names}")
+    return (*inputs, *(kwargs[n] for n in rest))
 
 
 # --------------------------------------------------------------------------- lower
@@ -168,10 +196,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> E
         root = rebuild_modules(manifest["modules"])
         assign_tensors(root, manifest["tensors"], saved, device)
         gm = graph_from_json(graph_doc, root)
+    except ArtifactVersionError:
+        raise
     except LoweringError as e:
-        raise LoweringError(f"cannot load {folder}: {e}") from e
+        note = version_note(manifest, VERSION_KEYS)
+        raise LoweringError(f"cannot load {folder}: {e}{note}") from e
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise LoweringError(f"cannot load {folder}: malformed manifest ({e!r})") from e
+        note = version_note(manifest, VERSION_KEYS)
+        raise LoweringError(f"cannot load {folder}: malformed manifest ({e!r}){note}") from e
     gm.eval()
     gm.meta["fxopt"] = {
         "pipeline": manifest.get("pipeline", []),

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,13 @@ from fxopt.errors import LoweringError
 from fxopt.lowering.allowlist import check_attr_path
 from fxopt.lowering.eager_rebuild import GRAPH, PLAIN, walk
 from fxopt.lowering.graph_json import decode_value, dtype_name
+from fxopt.lowering.input_spec import spec_for_eager
+from fxopt.lowering.versions import check_versions, running_fxopt
 
 FORMAT = "fxopt-eager"
 FORMAT_VERSION = 1
+OLDEST_FORMAT_VERSION = 1  # the oldest layout read_manifest still understands
+VERSION_KEYS = ("fxopt_version", "torch_version")
 FILES = ("model.py", "graph.json", "weights.safetensors", "manifest.json")
 
 
@@ -74,25 +77,23 @@ def read_files(folder: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
 def manifest_for(
     gm: fx.GraphModule, inputs: tuple, outputs: Any, modules: dict, tensors: dict
 ) -> dict:
-    """The manifest of ``gm``: versions, input/output shapes, pipeline, modules and tensors.
+    """The manifest of ``gm``: versions, input/output shapes, the input spec that calls are
+    checked against, pipeline, modules and tensors.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
     >>> manifest_for(gm, (torch.ones(2),), torch.ones(2), {}, {})["inputs"]
     [{'shape': [2], 'dtype': 'float32'}]
     """
     info = gm.meta.get("fxopt") or {}
-    try:
-        fxopt_version = importlib.metadata.version("fxopt")
-    except importlib.metadata.PackageNotFoundError:
-        fxopt_version = "0+unknown"
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "fxopt_version": fxopt_version,
+        "fxopt_version": running_fxopt(),
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "inputs": [_describe(x) for x in pytree.tree_leaves(inputs)],
         "outputs": [_describe(x) for x in pytree.tree_leaves(outputs)],
+        "input_spec": spec_for_eager(gm, inputs),
         "pipeline": _jsonable(info.get("pipeline", [])),
         "capture": _jsonable(info.get("capture")),
         "modules": modules,
@@ -114,7 +115,8 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest of an eager folder, refusing other formats and newer format versions.
+    """The manifest of an eager folder, refusing other formats, and format or torch
+    versions this fxopt cannot read (ArtifactVersionError, see ``fxopt.lowering.versions``).
 
     >>> read_manifest(Path("out/model"))["format"]  # doctest: +SKIP
     'fxopt-eager'
@@ -128,12 +130,8 @@ def read_manifest(folder: Path) -> dict:
         raise LoweringError(f"{f} is unreadable ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoweringError(f"{f} does not describe an {FORMAT} artifact")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LoweringError(
-            f"{folder} has format_version {version!r}, newer than this fxopt reads "
-            f"({FORMAT_VERSION}); upgrade fxopt (pip install -U fxopt) to load it"
-        )
+    check_versions(manifest, str(folder), supported=(OLDEST_FORMAT_VERSION, FORMAT_VERSION),
+                   keys=VERSION_KEYS, torch_major=True)
     return manifest
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.errors import LoweringError
+from fxopt.errors import InputSpecError
 
 
 class InputGuard(torch.nn.Module):
@@ -37,32 +37,32 @@ class InputGuard(torch.nn.Module):
 
     def forward(self, *args: Any) -> None:
         if len(args) != len(self.inputs):
-            raise LoweringError(f"expected {len(self.inputs)} inputs, got {len(args)}")
+            raise InputSpecError(f"expected {len(self.inputs)} inputs, got {len(args)}")
         seen: dict[str, tuple[int, str]] = {}
         for i, (arg, spec) in enumerate(zip(args, self.inputs, strict=True)):
             name = (spec or {}).get("name", f"input {i}")
             if spec is None or ("value" in spec and arg == spec["value"]):
                 continue
             if "value" in spec:
-                raise LoweringError(f"{name} must be {spec['value']!r} (specialized at export)")
+                raise InputSpecError(f"{name} must be {spec['value']!r} (specialized at export)")
             want = spec["shape"]
             if not isinstance(arg, torch.Tensor) or arg.dim() != len(want):
                 got = tuple(arg.shape) if isinstance(arg, torch.Tensor) else type(arg).__name__
-                raise LoweringError(f"{name}: expected a {len(want)}-d tensor, got {got}")
+                raise InputSpecError(f"{name}: expected a {len(want)}-d tensor, got {got}")
             for d, (size, w) in enumerate(zip(arg.shape, want, strict=True)):
                 where = f"{name}.shape[{d}]"
                 if isinstance(w, int) and size != w:
-                    raise LoweringError(
+                    raise InputSpecError(
                         f"{where} is {size} but this artifact was exported for {w}; export "
                         "with dynamic_shapes to accept other sizes"
                     )
                 if isinstance(w, str):
                     if w in seen and seen[w][0] != size:
-                        raise LoweringError(f"{where} is {size} but must equal {seen[w][1]}")
+                        raise InputSpecError(f"{where} is {size} but must equal {seen[w][1]}")
                     seen.setdefault(w, (size, where))
                     lo, hi = self.ranges.get(w, (None, None))
                     if (lo is not None and lo > 2 and size < lo) or (hi is not None and size > hi):
-                        raise LoweringError(f"{where} is {size}, outside the range [{lo}, {hi}]")
+                        raise InputSpecError(f"{where} is {size}, outside the range [{lo}, {hi}]")
 
     def extra_repr(self) -> str:
         return f"inputs={self.inputs}, ranges={self.ranges}"

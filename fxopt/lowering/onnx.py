@@ -39,11 +39,15 @@ from torch.utils import _pytree as pytree
 
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import Artifact, destination, onnx_export, run_module, write_files
+from fxopt.lowering.input_spec import check_inputs, spec_for_onnx
+from fxopt.lowering.versions import check_versions, version_note
 from fxopt.progress import stage
 from fxopt.verify import EXACT, QUANTIZED, Tolerance, compare_outputs, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
+OLDEST_FORMAT_VERSION = 1
+VERSION_KEYS = ("fxopt", "torch")
 DEFAULT_OPSET = 20  # torch.onnx's default too; opset 20 has a native Gelu
 DEFAULT_FILE = "model.onnx"
 # protobuf cannot serialize a message over 2 GiB; keep headroom for the graph itself
@@ -61,7 +65,10 @@ _PREFERRED_PROVIDERS = (
 
 class OnnxArtifact(Artifact):
     """An ONNX file with an ONNX Runtime session: ``art(*inputs)``, ``art.session``,
-    ``art.manifest`` (what fxopt recorded; empty for files fxopt did not write)."""
+    ``art.manifest`` (what fxopt recorded; empty for files fxopt did not write) and
+    ``art.input_spec`` (read from the model's graph inputs: names, dtypes, static and named
+    dynamic dims). A call that does not fit it raises InputSpecError before anything runs.
+    """
 
     kind = "onnx"
 
@@ -73,18 +80,21 @@ class OnnxArtifact(Artifact):
         self.session_config = session_config
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.input_spec = spec_for_onnx(session.get_inputs())
 
     def __call__(self, *inputs: Any) -> Any:
-        if len(inputs) != len(self.input_names):
-            raise LoweringError(
-                f"{self.path.name} takes {len(self.input_names)} inputs "
-                f"({', '.join(self.input_names)}), got {len(inputs)}"
-            )
+        check_inputs(self.input_spec, inputs, self.path.name)
         feeds = {name: _to_numpy(x, name) for name, x in zip(self.input_names, inputs)}
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
         spec = self.manifest.get("output_spec")
         if spec:
-            return pytree.tree_unflatten(outs, pytree.treespec_loads(spec))
+            try:
+                tree = pytree.treespec_loads(spec)
+            except Exception as e:  # a treespec written by another torch's pytree
+                raise LoweringError(
+                    f"{self.path.name}: cannot read the recorded output structure ({e})"
+                    + version_note(self.manifest, VERSION_KEYS)) from e
+            return pytree.tree_unflatten(outs, tree)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def save(self, path: str | os.PathLike) -> OnnxArtifact:
@@ -474,6 +484,9 @@ def load(path: str | os.PathLike, threads: int | None = None,
                 manifest = json.loads(prop.value)
             except ValueError:
                 manifest = {}
+    if manifest.get("format") == FORMAT:
+        check_versions(manifest, str(f), supported=(OLDEST_FORMAT_VERSION, FORMAT_VERSION),
+                       keys=VERSION_KEYS)
     return OnnxArtifact(f.absolute(), manifest, _session(f, config), config)
 
 

@@ -275,7 +275,7 @@ def test_artifact_takes_numpy_and_torch_and_keeps_output_structure(tmp_path):
         out = fxopt.load(tmp_path / "m.onnx")(inp)
         assert set(out) == {"logits", "extra"} and isinstance(out["extra"], tuple)
         assert compare_outputs(gm(x), out).ok()
-    with pytest.raises(LoweringError, match="takes 1 inputs"):
+    with pytest.raises(LoweringError, match="takes 1 input"):
         art(x, x)
 
 
