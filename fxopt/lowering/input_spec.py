@@ -86,14 +86,17 @@ def spec_for_eager(gm: fx.GraphModule, inputs: tuple) -> list[dict | None] | Non
     return specs
 
 
-def spec_for_onnx(session_inputs: Sequence[Any]) -> list[dict]:
+def spec_for_onnx(session_inputs: Sequence[Any]) -> list[dict | None]:
     """The input spec of an ONNX model, from ``session.get_inputs()`` (its graph inputs).
 
     >>> spec_for_onnx(session.get_inputs())  # doctest: +SKIP
     [{'name': 'x', 'dtype': 'float32', 'shape': ['batch', 3, 224, 224]}]
     """
-    specs = []
+    specs: list[dict | None] = []
     for i in session_inputs:
+        if not str(i.type).startswith("tensor("):
+            specs.append(None)  # a sequence or map input: ONNX Runtime checks it
+            continue
         shape = [d if isinstance(d, (int, str)) and d != "" else None for d in (i.shape or [])]
         specs.append({"name": i.name, "dtype": _ORT_DTYPES.get(i.type), "shape": shape})
     return specs
