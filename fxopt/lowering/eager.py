@@ -46,7 +46,7 @@ from fxopt.lowering.eager_storage import (
 )
 from fxopt.lowering.graph_json import graph_from_json, graph_to_json
 from fxopt.lowering.input_guard import is_export_guard
-from fxopt.lowering.input_spec import check_inputs
+from fxopt.lowering.input_spec import check_inputs, read_spec
 from fxopt.lowering.versions import version_note
 
 
@@ -63,7 +63,7 @@ class EagerArtifact(Artifact):
         self.path = Path(path)
         self.manifest = manifest
         self.module = module
-        self.input_spec = manifest.get("input_spec")
+        self.input_spec = read_spec(manifest.get("input_spec"), f"cannot load {self.path}")
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.input_spec is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from fxopt.errors import InputSpecError
+from fxopt.errors import InputSpecError, LoweringError
 
 # ONNX Runtime's type strings (session.get_inputs()[i].type) -> dtype names
 _ORT_DTYPES = {
@@ -86,17 +86,42 @@ def spec_for_eager(gm: fx.GraphModule, inputs: tuple) -> list[dict | None] | Non
     return specs
 
 
-def spec_for_onnx(session_inputs: Sequence[Any]) -> list[dict]:
+def spec_for_onnx(session_inputs: Sequence[Any]) -> list[dict | None]:
     """The input spec of an ONNX model, from ``session.get_inputs()`` (its graph inputs).
 
     >>> spec_for_onnx(session.get_inputs())  # doctest: +SKIP
     [{'name': 'x', 'dtype': 'float32', 'shape': ['batch', 3, 224, 224]}]
     """
-    specs = []
+    specs: list[dict | None] = []
     for i in session_inputs:
+        if not str(i.type).startswith("tensor("):
+            specs.append(None)  # a sequence or map input: ONNX Runtime checks it
+            continue
         shape = [d if isinstance(d, (int, str)) and d != "" else None for d in (i.shape or [])]
         specs.append({"name": i.name, "dtype": _ORT_DTYPES.get(i.type), "shape": shape})
     return specs
+
+
+def read_spec(doc: Any, where: str) -> list[dict | None] | None:
+    """``doc`` (a manifest's ``"input_spec"``) if it is a well-formed spec, else
+    LoweringError: a damaged spec must fail at load, not on the first call.
+
+    >>> read_spec([{"name": "x", "dtype": "float32", "shape": ["batch", 3]}], "m")
+    [{'name': 'x', 'dtype': 'float32', 'shape': ['batch', 3]}]
+    """
+    if doc is None:
+        return None  # written before fxopt recorded specs: calls go unchecked
+
+    def ok(e: Any) -> bool:
+        return e is None or (
+            isinstance(e, dict) and isinstance(e.get("name"), str)
+            and isinstance(e.get("dtype"), (str, type(None)))
+            and isinstance(e.get("shape"), list)
+            and all(d is None or isinstance(d, (int, str)) for d in e["shape"]))
+
+    if not isinstance(doc, list) or not all(ok(e) for e in doc):
+        raise LoweringError(f"{where}: the manifest's input_spec is malformed: {doc!r:.200}")
+    return doc
 
 
 def check_inputs(specs: Sequence[dict | None] | None, inputs: Sequence[Any], what: str) -> None:

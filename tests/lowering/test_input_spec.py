@@ -256,3 +256,10 @@ def test_inputs_of_another_leading_size_keep_it_static(tmp_path):
     gm = fx.symbolic_trace(BatchBound())
     spec = spec_for_eager(gm, (torch.randn(2, 3), torch.randn(5)))
     assert [format_spec(s) for s in spec] == ["x: float32[batch, 3]", "table: float32[5]"]
+
+
+@pytest.mark.parametrize("bad", [{"x": 1}, [{"name": "x", "shape": "1,3"}], [{"shape": [1]}]])
+def test_malformed_spec_fails_at_load(eager_copy, bad):
+    _edit(eager_copy / "manifest.json", lambda d: d.update(input_spec=bad))
+    with pytest.raises(LoweringError, match="input_spec is malformed"):
+        fxopt.load(eager_copy)
