@@ -19,7 +19,8 @@ never guesses what an unknown op does.
 What passes may *do* with an op is data on its entry too: a ``Category`` (an enum, so a typo
 fails at registration), ``Prop`` flags read with ``has_prop`` / ``kinds_with``, and the
 ``Effects`` that ``effects(node)`` reports to ``dce``, ``cse`` and ``fold_constants`` alike
-(see ``fxopt/op_props.py``).
+(see ``fxopt/op_props.py``), and so is how channels flow through it (``flow``, a rule of
+``fxopt/op_flow.py``), which pruning reads.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class OpDef:
     effects: Effects = Effects.PURE
     # brings ``attrs`` of every form to one spelling (conv ``stride=2`` -> ``(2, 2)``)
     normalize: Callable[[dict[str, Any], OpView], dict[str, Any]] | None = None
+    # how channels flow through the op: a rule name in ``fxopt.op_flow.FLOW_RULES``; None
+    # blocks pruning through it (``fxopt.prune.groups`` names the op in the reason)
+    flow: str | None = None
 
     def __post_init__(self) -> None:
         category = _enum_value(Category, self.category, f"op {self.kind!r}: category")
