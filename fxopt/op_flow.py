@@ -357,16 +357,16 @@ def repeat(view) -> Flow:
     sx, so = shape(x), shape(out)
     if sx is None or so is None or len(sx) != len(so):
         return flow
+    interleave = "repeat_interleave" in str(view.node.target)
     for k in range(len(sx)):
         if sx[k] == so[k]:
             flow.link((x, k), (out, k))
-        elif sx[k] == 1 and view.node.target in ("expand", "expand_as") or str(
-                view.node.target).startswith("aten.expand"):
-            flow.handled.add((x, k))
-        elif "repeat_interleave" in str(view.node.target) and so[k] % sx[k] == 0:
+        elif interleave and so[k] % sx[k] == 0:
             r = so[k] // sx[k]
             idx = np.arange(so[k])
             flow.link((x, k), (out, k), np.stack([idx // r, idx], 1))
+        else:  # the size of a broadcast or tiled axis is a constant of the call
+            flow.block((out, k), f"{view.node.name} sets the size of axis {k}")
     return flow
 
 
@@ -376,6 +376,8 @@ def index(view) -> Flow:
     flow = Flow()
     x, out = view.input, view.node
     sx, so = shape(x), shape(out)
+    if so is not None and sx is None:  # a piece of a split's tuple: the split links it
+        flow.handled |= {(out, k) for k in range(len(so))}
     if sx is None or so is None:
         return flow
     target = view.node.target
@@ -407,8 +409,10 @@ def index(view) -> Flow:
             flow.block((x, k), f"{view.node.name} picks one index of axis {k}")
             k += 1
         elif isinstance(i, slice):
+            stop = i.stop
             if i == slice(None) or (i.start in (None, 0) and i.step in (None, 1)
-                                    and (i.stop is None or i.stop >= sx[k])):
+                                    and (stop is None or isinstance(stop, int)
+                                         and stop >= sx[k])):
                 flow.link((x, k), (out, j))
             else:
                 flow.block((x, k), f"{view.node.name} slices part of axis {k}")
