@@ -384,6 +384,19 @@ class OpView:
             new = graph.get_attr(attr)
         self._replace_arg(name, new)
 
+    def set_arg(self, name: str, value: Any) -> None:
+        """Replace bound argument ``name`` (function/method/ATen forms), e.g. a conv's
+        ``groups`` after pruning or a split's sizes.
+
+        Example::
+
+            op_of(conv_node).set_arg("groups", 4)
+        """
+        if self.form == "module":
+            raise KeyError(f"{self.kind} op {self.node.name} is a module call: set the "
+                           f"module's attribute instead of argument {name!r}")
+        self._replace_arg(name, value)
+
     def _replace_arg(self, name: str, value: Any) -> None:
         names = self._names()
         idx = names.index(name) if name in names else None

@@ -9,6 +9,8 @@ Example::
     res.report.records[-1].stats["plan"]
 """
 
+from fxopt.passes.prune import prune_pass  # noqa: F401 - registers "prune"
 from fxopt.passes.prune.groups import Group, Member, build_graph, groups
+from fxopt.passes.prune.twin import masked_twin, zero_consumers
 
-__all__ = ["Group", "Member", "build_graph", "groups"]
+__all__ = ["Group", "Member", "build_graph", "groups", "masked_twin", "zero_consumers"]
