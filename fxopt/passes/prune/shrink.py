@@ -88,9 +88,26 @@ def select(groups: list[Group], scores: list[np.ndarray], *, ratio: float,
     removed = []
     for g, s, drop in zip(groups, scores, drops, strict=True):
         keep = _keep_count(g.n_units, drop, round_to, max_layer_ratio)
-        order = np.argsort(s, kind="stable")
-        removed.append(np.sort(order[: g.n_units - keep]))
+        removed.append(_take(g, np.argsort(s, kind="stable"), g.n_units - keep))
     return removed
+
+
+def _take(g: Group, order: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` units of ``order`` whose removal leaves every axis of the group
+    at least one index (a cat input, a conv's outputs); others are skipped over."""
+    axes = list(g.units)
+    left = np.array([len(g.units[ax]) for ax in axes])
+    per_unit = np.zeros((g.n_units, len(axes)), dtype=np.int64)
+    for j, ax in enumerate(axes):
+        np.add.at(per_unit[:, j], g.units[ax], 1)
+    taken = []
+    for u in order:
+        if len(taken) == count:
+            break
+        if np.all(left - per_unit[u] > 0):
+            left -= per_unit[u]
+            taken.append(u)
+    return np.sort(np.array(taken, dtype=np.int64))
 
 
 def indices_by_axis(group: Group, units: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
