@@ -24,7 +24,7 @@ from fxopt.inspect import ModelSummary
 from fxopt.inspect import inspect as _summarize
 from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
-from fxopt.passes import prune
+from fxopt import prune
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
