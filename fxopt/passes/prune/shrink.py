@@ -44,24 +44,30 @@ def score(groups: list[Group], gm: fx.GraphModule, importance: str,
         if importance == "random":
             out.append(gen.random(g.n_units))
             continue
-        total = np.zeros(g.n_units)
-        for p in g.params:
-            is_bn = p.view is not None and p.view.kind == "batch_norm" and p.name == "weight"
-            if (importance == "bn_scale") != is_bn or importance != "bn_scale" and (
-                    p.role != "producer" or p.name == "bias"):
-                continue
-            t = tensor_of(gm, p)
-            if t is None:
-                continue
-            t = t.detach().float().movedim(p.dim, 0).reshape(t.shape[p.dim], -1)
-            per = (t.abs().sum(1) if importance in ("l1", "bn_scale") else t.pow(2).sum(1))
-            labels = g.units[(p.axis[0].name, p.axis[1])]
-            total += np.bincount(labels, weights=per.numpy(), minlength=g.n_units)
+        total = _norms(g, gm, importance)
         if importance == "bn_scale" and not total.any():
-            raise PassError(f"prune: importance='bn_scale' needs a batch norm in every group; "
-                            f"group {g.id} ({g.members[0].param}) has none: use l1 or l2")
+            total = _norms(g, gm, "l1")  # a group without batch norm (squeeze-excite, MLP)
         out.append(total)
     return out
+
+
+def _norms(g: Group, gm: fx.GraphModule, importance: str) -> np.ndarray:
+    """Per unit: the L1 / squared L2 norm of its producer rows, or ``|gamma|`` of its
+    batch norms (``bn_scale``)."""
+    total = np.zeros(g.n_units)
+    for p in g.params:
+        is_bn = p.view is not None and p.view.kind == "batch_norm" and p.name == "weight"
+        if importance == "bn_scale" and not is_bn or importance != "bn_scale" and (
+                p.role != "producer" or p.name == "bias"):
+            continue
+        t = tensor_of(gm, p)
+        if t is None:
+            continue
+        t = t.detach().float().movedim(p.dim, 0).reshape(t.shape[p.dim], -1)
+        per = t.abs().sum(1) if importance in ("l1", "bn_scale") else t.pow(2).sum(1)
+        labels = g.units[(p.axis[0].name, p.axis[1])]
+        total += np.bincount(labels, weights=per.numpy(), minlength=g.n_units)
+    return total
 
 
 def _keep_count(n: int, drop: int, round_to: int | None, cap: float) -> int:
@@ -117,7 +123,7 @@ def indices_by_axis(group: Group, units: np.ndarray) -> dict[tuple[str, int], np
     return {ax: np.nonzero(mask[labels])[0] for ax, labels in group.units.items()}
 
 
-def plan_of(group: Group, by_axis: dict, exact: bool = True) -> dict:
+def plan_of(group: Group, by_axis: dict, units: np.ndarray, exact: bool = True) -> dict:
     """The JSON-ready plan entry of one group."""
     members, seen = [], set()
     for p in group.params:
@@ -128,9 +134,8 @@ def plan_of(group: Group, by_axis: dict, exact: bool = True) -> dict:
         idx = by_axis[(p.axis[0].name, p.axis[1])]
         members.append({"param": key[0], "dim": p.dim, "role": p.role,
                         "indices": [int(i) for i in idx]})
-    removed = len(by_axis[group.axes[0]]) if group.axes else 0
-    return {"group": group.id, "units": group.n_units, "exact": exact,
-            "members": members, "removed_channels": removed}
+    return {"group": group.id, "units": group.n_units, "removed_units": len(units),
+            "removed_unit_ids": [int(u) for u in units], "exact": exact, "members": members}
 
 
 def shrink(gm: fx.GraphModule, groups: list[Group], removed: list[np.ndarray]) -> list[dict]:
@@ -153,7 +158,7 @@ def shrink(gm: fx.GraphModule, groups: list[Group], removed: list[np.ndarray]) -
                    else id(p.view.node) if p.view is not None else 0, param_key(p))
             cuts[key][p.dim] = by_axis[(p.axis[0].name, p.axis[1])]
             owners[key] = p
-        plan.append(plan_of(g, by_axis))
+        plan.append(plan_of(g, by_axis, units))
     for key, dims in cuts.items():
         p = owners[key]
         t = tensor_of(gm, p)
