@@ -10,7 +10,7 @@ Example::
     fxopt.load("out/model")(x)
 """
 
-from fxopt import ops, quant, visualize
+from fxopt import ops, prune, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
     CaptureError,
@@ -24,7 +24,6 @@ from fxopt.inspect import ModelSummary
 from fxopt.inspect import inspect as _summarize
 from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
-from fxopt import prune
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
 from fxopt.verify import Tolerance
