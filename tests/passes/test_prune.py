@@ -108,3 +108,45 @@ def test_nothing_prunable_says_why_per_group():
     model = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(PassError, match="reaches the graph output"):
         _prune(model, (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plan_replay_gives_the_same_graph(mode, tmp_path):
+    model, inputs = zoo.load("densenet")
+    res, stats = _prune(model, inputs, mode, spec="prune(ratio=0.4,importance=l2)")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(stats["plan"]))
+    again, stats2 = _prune(model, inputs, mode, spec=f"prune(plan={str(path)!r})")
+    assert stats2["plan"] == stats["plan"]
+    assert again.module.code == res.module.code
+    a, b = res.module.state_dict(), again.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    model, inputs = zoo.load("resnet")
+    _, stats = _prune(model, inputs)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(stats["plan"]))
+    other, other_inputs = zoo.load("mobilenet")
+    with pytest.raises(PassError, match="another model"):
+        _prune(other, other_inputs, spec=f"prune(plan={str(path)!r})")
+    with pytest.raises(PassError, match="does not exist"):
+        _prune(model, inputs, spec=f"prune(plan={str(tmp_path / 'missing.json')!r})")
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.parametrize(("name", "mode"), [("resnet", "symbolic"), ("mobilenet", "export"),
+                                            ("gqa", "symbolic")])
+def test_mac_target_is_reached_and_reported(name, mode):
+    model, inputs = zoo.load(name)
+    res, stats = _prune(model, inputs, mode, spec="prune(macs=0.6,scope=global)")
+    before, after = res.report.records[-1].macs
+    assert abs(after / before - 0.6) <= 0.03
+    assert abs(stats["macs_kept"] - after / before) < 1e-6
+
+
+def test_an_unreachable_mac_target_is_a_pass_error():
+    model, inputs = zoo.load("transformer")  # only the MLP widths prune
+    with pytest.raises(PassError, match="no ratio keeps"):
+        _prune(model, inputs, spec="prune(macs=0.1)")
