@@ -150,3 +150,19 @@ def test_an_unreachable_mac_target_is_a_pass_error():
     model, inputs = zoo.load("transformer")  # only the MLP widths prune
     with pytest.raises(PassError, match="no ratio keeps"):
         _prune(model, inputs, spec="prune(macs=0.1)")
+
+
+@pytest.mark.parametrize(("name", "mode"), [("resnet", "symbolic"), ("gqa", "export")])
+def test_pruned_then_default_lowers_to_onnx_and_eager(name, mode, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = zoo.load(name)
+    res = fxopt.optimize(model, inputs, "prune(ratio=0.5),default", mode=mode)
+    art = fxopt.lower(res.module, "onnx", inputs, path=tmp_path / "m.onnx")
+    assert all(c["max_rel"] <= 1e-4 for c in art.manifest["verified"].values())
+    eager = fxopt.lower(res.module, "eager", inputs, path=tmp_path / "eager")
+    loaded = fxopt.load(tmp_path / "eager")
+    with torch.no_grad():
+        assert compare_outputs(res.module(*inputs), loaded(*inputs)).ok()
+        assert compare_outputs(res.module(*inputs), eager(*inputs)).ok()
+    stored = sum(t.numel() for t in loaded.module.state_dict().values())  # the smaller weights
+    assert stored < 0.8 * sum(t.numel() for t in model.state_dict().values())
