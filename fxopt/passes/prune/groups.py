@@ -68,13 +68,38 @@ class Group:
 
 
 def param_key(p: Param) -> str:
-    """The state_dict key of a member's tensor (module path + name, or the get_attr path)."""
-    if p.view is None:
-        return p.name
-    if p.view.module is not None:
+    """The state_dict key of a member's tensor in the user's model: the module path capture
+    recorded (``meta["fxopt_module_path"]``, which survives ``flatten_modules``) and the
+    parameter's name, else the get_attr path."""
+    if p.view is not None and p.view.module is not None:
+        path = p.view.node.meta.get("fxopt_module_path") or str(p.view.node.target)
+        return f"{path}.{p.name}"
+    if p.view is not None:
+        src = p.view.param_node(p.name)
+        if src is None:
+            return f"{p.view.node.name}.{p.name}"
+        return _attr_key(src, p.name)
+    src = p.axis[0]
+    return _attr_key(src, None) if src.op == "get_attr" else p.name
+
+
+def graph_path(p: Param) -> str:
+    """Where a member's tensor lives in the graph module itself (its attribute path)."""
+    if p.view is not None and p.view.module is not None:
         return f"{p.view.node.target}.{p.name}"
-    src = p.view.param_node(p.name)
-    return str(src.target) if src is not None else f"{p.view.node.name}.{p.name}"
+    if p.view is not None:
+        src = p.view.param_node(p.name)
+        return str(src.target) if src is not None else p.name
+    return p.name
+
+
+def _attr_key(src: fx.Node, name: str | None) -> str:
+    target, path = str(src.target), src.meta.get("fxopt_module_path") or ""
+    if not path or target.startswith(path + "."):
+        return target
+    flat = path.replace(".", "_") + "_"
+    leaf = target[len(flat):] if target.startswith(flat) else name or target.rsplit(".", 1)[-1]
+    return f"{path}.{leaf}"
 
 
 def _flow_of(node: fx.Node) -> tuple[Flow | None, str, set]:

@@ -92,7 +92,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     twin = copy.deepcopy(gm)
     done = shrink(gm, chosen, removed)
     seconds = time.perf_counter() - start
-    zero_consumers(twin, done)
+    zero_consumers(twin, done, key="attr")
     error = check_twin(gm, twin, tuple(ctx.example_inputs))
     stats |= {"plan": done, "twin_error": error, "seconds": seconds,
               "units_removed": sum(len(r) for r in removed),

@@ -23,8 +23,10 @@ from fxopt.ops import _set_path, fetch_attr
 from fxopt.verify import EXACT, compare_outputs
 
 
-def zero_consumers(module: nn.Module, plan: list[dict]) -> nn.Module:
-    """Zero, in ``module`` (in place), every consumer slice of every exact group of ``plan``."""
+def zero_consumers(module: nn.Module, plan: list[dict], key: str = "param") -> nn.Module:
+    """Zero, in ``module`` (in place), every consumer slice of every exact group of ``plan``;
+    members are found by their state_dict key (``key="attr"``: by their path in the graph
+    module the plan was made on)."""
     for group in plan:
         if not group.get("exact", True):
             continue
@@ -32,10 +34,10 @@ def zero_consumers(module: nn.Module, plan: list[dict]) -> nn.Module:
             if m["role"] != "consumer" or not m["indices"]:
                 continue
             try:
-                t = fetch_attr(module, m["param"])
+                t = fetch_attr(module, m[key])
             except AttributeError:
                 raise PassError(
-                    f"prune plan: {m['param']!r} is not a tensor of this model; the plan was "
+                    f"prune plan: {m[key]!r} is not a tensor of this model; the plan was "
                     "made for another model") from None
             if t.shape[m["dim"]] <= max(m["indices"]):
                 raise PassError(
@@ -43,7 +45,7 @@ def zero_consumers(module: nn.Module, plan: list[dict]) -> nn.Module:
                     f"{m['dim']}, the plan removes index {max(m['indices'])}: it was made "
                     "for another model")
             idx = torch.as_tensor(m["indices"], dtype=torch.long)
-            _set_path(module, m["param"], t.detach().clone().index_fill_(m["dim"], idx, 0))
+            _set_path(module, m[key], t.detach().clone().index_fill_(m["dim"], idx, 0))
     return module
 
 
