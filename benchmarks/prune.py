@@ -6,7 +6,7 @@ Run:  .venv/bin/python benchmarks/prune.py   (rewrites its section of benchmarks
 
 The pass time is ``stats["seconds"]`` (grouping, ranking, shrinking; the masked-twin check
 is not counted) at ``ratio=0.5``, median of --repeat runs; time per node shows whether it
-grows linearly. Latency: ``prune(macs=0.5,scope=global)`` and the unpruned graph, one
+grows linearly. Latency: ``--prune`` (default ``prune(macs=0.5,scope=global,round_to=16)``) and the unpruned graph, one
 ``compare_latency`` run each for eager and ONNX Runtime (median of rounds, one thread).
 """
 
@@ -39,12 +39,12 @@ def pass_time(name: str, repeat: int) -> tuple[int, float]:
     return nodes, statistics.median(seconds)
 
 
-def latency(name: str, rounds: int) -> list[str]:
+def latency(name: str, rounds: int, spec: str) -> list[str]:
     import onnxruntime as ort
 
     model, inputs = zoo.load(name)
     base = fxopt.optimize(model, inputs, "default", mode="symbolic").module
-    res = fxopt.optimize(model, inputs, "prune(macs=0.5,scope=global),default", mode="symbolic")
+    res = fxopt.optimize(model, inputs, f"{spec},default", mode="symbolic")
     macs = res.report.records[0].macs
     rows = [f"{name}: MACs kept {macs[1] / macs[0]:.3f} "
             f"(params {res.report.records[0].params[1] / res.report.records[0].params[0]:.3f})"]
@@ -74,19 +74,20 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50,mobilenet,transformer")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prune", default="prune(macs=0.5,scope=global,round_to=16)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     lines = ["## prune", "",
-             f"`python benchmarks/prune.py --models {args.models}` on {platform.machine()}, "
+             f"`python benchmarks/prune.py --models {args.models} --prune '{args.prune}'` on {platform.machine()}, "
              f"torch {torch.__version__}, 1 thread, zoo batch sizes.", "",
              "Pass time (ratio=0.5, symbolic capture; grouping + ranking + shrinking):", ""]
     for name in ("resnet", "resnet50"):
         nodes, s = pass_time(name, args.repeat)
         lines.append(f"- {name}: {nodes} nodes, {s:.3f} s ({1e3 * s / nodes:.2f} ms/node)")
-    lines += ["", "Latency, pruned to half the MACs vs the unpruned fxopt graph:", "", "```"]
+    lines += ["", f"Latency, `{args.prune}` vs the unpruned fxopt graph:", "", "```"]
     for name in args.models.split(","):
-        lines += latency(name, args.rounds)
+        lines += latency(name, args.rounds, args.prune)
     lines.append("```")
     publish("prune", "\n".join(lines), write=not args.no_write)
 
