@@ -6,7 +6,8 @@ Run:  .venv/bin/python benchmarks/prune.py   (rewrites its section of benchmarks
 
 The pass time is ``stats["seconds"]`` (grouping, ranking, shrinking; the masked-twin check
 is not counted) at ``ratio=0.5``, median of --repeat runs; time per node shows whether it
-grows linearly. Latency: ``--prune`` (default ``prune(macs=0.5,scope=global,round_to=16)``) and the unpruned graph, one
+grows linearly. Latency: ``--prune`` (default
+``prune(macs=0.5,scope=global,round_to=16)``) and the unpruned graph, one
 ``compare_latency`` run each for eager and ONNX Runtime (median of rounds, one thread).
 """
 
@@ -79,7 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     lines = ["## prune", "",
-             f"`python benchmarks/prune.py --models {args.models} --prune '{args.prune}'` on {platform.machine()}, "
+             f"`python benchmarks/prune.py --models {args.models} --prune '{args.prune}'` "
+             f"on {platform.machine()}, "
              f"torch {torch.__version__}, 1 thread, zoo batch sizes.", "",
              "Pass time (ratio=0.5, symbolic capture; grouping + ranking + shrinking):", ""]
     for name in ("resnet", "resnet50"):
