@@ -70,6 +70,8 @@ def test_skip_leaves_those_layers_whole():
     params = {m["param"] for g in stats["plan"] for m in g["members"]}
     assert params and not any(p.startswith("layer1.") for p in params)
     assert any("skip" in r for g in stats["refused"] for r in g["reasons"])
+    with pytest.raises(PassError, match="names no layer"):
+        _prune(model, inputs, spec="prune(ratio=0.5,skip=['layer9.*'])")
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "random"])

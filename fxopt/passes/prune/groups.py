@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -24,6 +23,8 @@ import torch.fx as fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from fxopt.errors import PassError
+from fxopt.graph_utils import layer_name, matches
 from fxopt.op_flow import FLOW_RULES, Flow, Param, shape
 from fxopt.ops import op_of
 
@@ -211,13 +212,23 @@ def _units(g: nx.Graph, comp: list) -> tuple[dict, int]:
     return {ax: labels[offsets[ax]: offsets[ax] + g.nodes[ax]["size"]] for ax in comp}, n
 
 
-def _skipped(members: list[Member], node_names: set, skip) -> str | None:
-    for pattern in skip or ():
-        for name in [m.param for m in members] + sorted(node_names):
-            module = name.rsplit(".", 1)[0]
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module, pattern):
-                return f"skipped: {name} matches skip pattern {pattern!r}"
+def _skipped(params: list[Param], skip) -> str | None:
+    """The skip reason of a group: a pattern (``fxopt.graph_utils.matches``, as quantize's
+    ``skip``) that names one of the layers owning its weights."""
+    for p in params:
+        node = p.view.node if p.view is not None else p.axis[0]
+        for pattern in skip or ():
+            if matches(node, [pattern]):
+                return f"skipped: {layer_name(node)} matches skip pattern {pattern!r}"
     return None
+
+
+def _check_skip(gm: fx.GraphModule, skip) -> None:
+    for pattern in skip or ():
+        if not any(matches(n, [pattern]) for n in gm.graph.nodes):
+            raise PassError(f"prune: skip pattern {pattern!r} names no layer of this graph; "
+                            "use module paths (layer1.0.conv1), node names or globs "
+                            "(layer1.*)")
 
 
 def groups(gm: fx.GraphModule, *, skip=None) -> list[Group]:
@@ -230,6 +241,7 @@ def groups(gm: fx.GraphModule, *, skip=None) -> list[Group]:
         gs = fxopt.prune.groups(fxopt.capture(model, (x,)))
         [g.reasons for g in gs if not g.prunable]
     """
+    _check_skip(gm, skip)
     g = build_graph(gm)
     found: list[Group] = []
     for comp in nx.connected_components(g):
@@ -240,7 +252,7 @@ def groups(gm: fx.GraphModule, *, skip=None) -> list[Group]:
         params = _real_params(params)
         members = list(dict.fromkeys(Member(param_key(p), p.dim, p.role) for p in params))
         reasons = list(dict.fromkeys(r for ax in comp for r in g.nodes[ax]["reasons"]))
-        why = _skipped(members, {name for name, _ in comp}, skip)
+        why = _skipped(params, skip)
         if why:
             reasons.append(why)
         units, n = _units(g, comp)
