@@ -376,8 +376,16 @@ def index(view) -> Flow:
     flow = Flow()
     x, out = view.input, view.node
     sx, so = shape(x), shape(out)
-    if so is not None and sx is None:  # a piece of a split's tuple: the split links it
-        flow.handled |= {(out, k) for k in range(len(so))}
+    if so is not None and sx is None and isinstance(x, fx.Node):
+        from fxopt.ops import lookup
+
+        entry = lookup(x)[0] if x.op.startswith("call") else None
+        for k in range(len(so)):
+            if entry is not None and entry.flow == "split":  # the split links its pieces
+                flow.handled.add((out, k))
+            else:
+                flow.block((out, k), f"{x.name} returns a tuple whose channel flow is not "
+                                     "declared")
     if sx is None or so is None:
         return flow
     target = view.node.target

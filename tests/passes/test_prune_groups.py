@@ -189,3 +189,26 @@ def test_skip_marks_the_groups_it_touches():
     assert not _with(gs, "net.0.weight", 0).prunable
     assert "skip" in _with(gs, "net.0.weight", 0).reasons[-1]
     assert not _with(gs, "net.3.weight", 0).prunable
+
+
+class _MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.attn(h, h, h, need_weights=False)[0] + h)
+
+
+def test_an_undeclared_tuple_op_blocks_its_pieces_but_its_aten_parts_prune():
+    model, x = _MHA().eval(), torch.randn(2, 5, 8)
+    gs = _groups(model, (x,), "symbolic")
+    g = _with(gs, "a.weight", 0)
+    assert not g.prunable
+    assert any("attn returns a tuple" in r for r in g.reasons)
+    gs = _groups(model, (x,), "export")  # decomposed: in_proj columns and out_proj rows
+    g = _with(gs, "a.weight", 0)
+    assert g.prunable and _roles(g)[("attn.in_proj_weight", 1)] == "consumer"
+    assert _roles(g)[("attn.out_proj.weight", 0)] == "producer"
