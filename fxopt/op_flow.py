@@ -241,22 +241,45 @@ def concat(view) -> Flow:
     return flow
 
 
+def piece_sizes(view) -> list[int] | None:
+    """The sizes of a split / chunk's pieces along its ``dim`` (None when unknown)."""
+    sx = shape(view.input)
+    if sx is None:
+        return None
+    dim = _pos(view.arg("dim", 0), len(sx))
+    n = sx[dim]
+    if view.kind == "chunk":
+        chunks = view.arg("chunks")
+        if not isinstance(chunks, int) or chunks < 1:
+            return None
+        size = -(-n // chunks)
+        return [min(size, n - k) for k in range(0, n, size)]
+    sizes = view.arg("split_size")
+    if isinstance(sizes, (list, tuple)) and all(isinstance(v, int) for v in sizes):
+        return list(sizes)
+    if isinstance(sizes, int) and sizes > 0 and "tensor_split" not in str(view.node.target):
+        return [min(sizes, n - k) for k in range(0, n, sizes)]
+    return None
+
+
 def split(view) -> Flow:
-    """split_with_sizes / split by sizes: getitem ``i`` is a slice of the input's ``dim``."""
+    """split / chunk: getitem ``i`` is a slice of the input's ``dim`` at the pieces' offsets.
+    Pieces may end up unequal after pruning: the shrink turns a chunk into a split by sizes."""
     flow = Flow()
     x, sx = view.input, shape(view.input)
-    sizes = view.arg("split_size")
     if sx is None:
         return flow
     dim = _pos(view.arg("dim", 0), len(sx))
-    if not isinstance(sizes, (list, tuple)):
-        flow.block((x, dim), f"{view.kind} {view.node.name} cuts axis {dim} into equal parts; "
-                             "pruning would need equal removals per part")
+    sizes = piece_sizes(view)
+    users = [u for u in view.node.users
+             if u.target is operator.getitem and isinstance(u.args[1], int)]
+    if sizes is None or len(users) != len(view.node.users) or \
+            {u.args[1] for u in users} != set(range(len(sizes))):
+        flow.block((x, dim), f"{view.kind} {view.node.name}: piece sizes unknown or a piece "
+                             "is not read by index")
         sizes = None
     offsets = np.cumsum([0, *sizes]) if sizes else None
-    for user in view.node.users:
-        if user.target is not operator.getitem or not isinstance(user.args[1], int):
-            continue
+    for user in users:
         su, i = shape(user), user.args[1]
         if su is None:
             continue
@@ -335,11 +358,13 @@ def reshape(view) -> Flow:
         elif len(a) == 1 or len(b) == 1:
             whole, parts = ((x, a[0]), [(out, k) for k in b]) if len(a) == 1 else (
                 (out, b[0]), [(x, k) for k in a])
-            node, lead = parts[0]
-            block = math.prod(shape(node)[k] for _, k in parts[1:])
+            t = _merged_lead(out, b) if len(a) == 1 else 0
+            node = parts[t][0]
+            sizes = [shape(node)[k] for _, k in parts]
             idx = np.arange(shape(whole[0])[whole[1]])
-            flow.link(whole, (node, lead), np.stack([idx, idx // block], 1))
-            for p in parts[1:]:
+            part = (idx // math.prod(sizes[t + 1:])) % sizes[t]
+            flow.link(whole, parts[t], np.stack([idx, part], 1))
+            for p in parts[:t] + parts[t + 1:]:
                 flow.block(p, why)
         else:
             for k in a:
@@ -347,6 +372,34 @@ def reshape(view) -> Flow:
             for k in b:
                 flow.block((out, k), why)
     return flow
+
+
+def _merged_lead(node: fx.Node, axes: list[int]) -> int:
+    """Which of the axes a split made (``axes`` of ``node``) to carry the channel: the one
+    that a later reshape merging them back leads with, through layout ops (a channel
+    shuffle: ``view(b, g, c/g, ...)`` -> ``transpose(1, 2)`` -> ``view(b, c, ...)`` carries
+    the ``c/g`` axis); else the first (heads of ``head_dim``)."""
+    from fxopt.ops import op_of
+
+    pos = list(axes)  # where each part axis is now
+    for _ in range(8):
+        users = [u for u in node.users if shape(u) is not None]  # not x.size(0)
+        if len(users) != 1:
+            return 0
+        user = users[0]
+        view = op_of(user)
+        if view.kind in ("contiguous", "clone"):
+            node = user
+            continue
+        if view.kind in ("transpose", "permute"):
+            moved = {link.a[1]: link.b[1] for link in axis_move(view).links}
+            pos = [moved.get(p, p) for p in pos]
+            node = user
+            continue
+        if view.kind == "reshape" and sorted(pos) == list(range(min(pos), min(pos) + len(pos))):
+            return pos.index(min(pos))
+        return 0
+    return 0
 
 
 def repeat(view) -> Flow:

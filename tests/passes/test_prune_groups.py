@@ -94,13 +94,26 @@ def test_grouped_conv_prunes_whole_groups(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_channel_shuffle_is_refused_with_the_reshape_named(mode):
-    gs = _groups(*zoo.load("shufflenet"), mode)
-    refused = [g for g in gs if not g.prunable and any("mixes" in r for r in g.reasons)]
-    assert refused
-    assert all("view" in r or "reshape" in r for g in refused for r in g.reasons
-               if "mixes" in r)
-    assert any(g.prunable for g in gs)  # the branch convs between shuffles still prune
+def test_channel_shuffle_pairs_channel_k_of_every_shuffle_group(mode):
+    model, inputs = zoo.load("shufflenet")
+    gs = _groups(model, inputs, mode)
+    # the cat feeding the first shuffle joins branch1 and branch2's last convs
+    g = _with(gs, "stage2.0.branch1.1.0.weight", 0)
+    assert g.prunable, g.reasons
+    roles = _roles(g)
+    assert roles[("stage2.0.branch2.2.0.weight", 0)] == "producer"
+    half = model.stage2[0].branch2[2][0].out_channels
+    b1 = next(ax for ax in g.units if ax[0] == _conv_output(g, "stage2.0.branch1.1.0"))
+    b2 = next(ax for ax in g.units if ax[0] == _conv_output(g, "stage2.0.branch2.2.0"))
+    # view(b, 2, c/2) -> transpose -> view: channel k of both halves is one unit
+    assert g.units[b1].tolist() == g.units[b2].tolist() and len(g.units[b1]) == half
+    assert all(g.prunable for g in gs if not any("graph output" in r for r in g.reasons))
+
+
+def _conv_output(g, path):
+    p = next(p for p in g.params if p.view is not None and p.name == "weight"
+             and (p.view.node.meta.get("fxopt_module_path") == path))
+    return p.view.node.name
 
 
 class _FlatLinear(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import PassError
-from fxopt.op_flow import Param, shape
+from fxopt.op_flow import Param, piece_sizes, shape
 from fxopt.ops import _set_path, fetch_attr, op_of
 from fxopt.passes.prune.groups import Group, graph_path, param_key
 
@@ -233,15 +233,27 @@ def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
                     if isinstance(args[1 + k], int) and args[1 + k] != -1:
                         args[1 + k] = v
             node.args = tuple(args)
-        elif view.kind == "split":
-            x = view.input
-            sizes = view.arg("split_size")
-            if x is None or not isinstance(sizes, (list, tuple)):
-                continue
-            dim = view.arg("dim", 0) % len(shape(x))
-            pieces = sorted((u.args[1], u) for u in node.users if isinstance(u.args[1], int))
-            new = list(sizes)
-            for i, u in pieces:
-                new[i] = new_size.get((u.name, dim), sizes[i])
-            if new != list(sizes):
-                view.set_arg("split_size", type(sizes)(new))
+        elif view.kind in ("split", "chunk"):
+            _fix_pieces(node, view, new_size)
+
+
+def _fix_pieces(node: fx.Node, view, new_size: dict) -> None:
+    """A split / chunk whose pieces shrank becomes a split by the new sizes (a chunk's
+    pieces may no longer be equal)."""
+    x = view.input
+    sizes = piece_sizes(view)
+    if x is None or sizes is None:
+        return
+    dim = view.arg("dim", 0) % len(shape(x))
+    new = list(sizes)
+    for u in node.users:
+        new[u.args[1]] = new_size.get((u.name, dim), sizes[u.args[1]])
+    if new == sizes:
+        return
+    if node.op == "call_method":
+        node.target, node.args, node.kwargs = "split", (x, new), {"dim": dim}
+    elif view.form == "aten":
+        node.target = torch.ops.aten.split_with_sizes.default
+        node.args, node.kwargs = (x, new, dim), {}
+    else:
+        node.target, node.args, node.kwargs = torch.split, (x, new), {"dim": dim}
