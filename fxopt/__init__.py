@@ -10,7 +10,7 @@ Example::
     fxopt.load("out/model")(x)
 """
 
-from fxopt import ops, quant, visualize
+from fxopt import ops, prune, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
     ArtifactVersionError,
@@ -120,6 +120,7 @@ __all__ = [
     "check_trt",
     "freeze_calibration",
     "inspect",
+    "prune",
     "load",
     "lower",
     "ops",

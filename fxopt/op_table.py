@@ -122,8 +122,28 @@ def _dims_as_tuple(attrs: dict, view: OpView) -> dict:
     return attrs
 
 
+# how channels flow through each kind (rules in fxopt/op_flow.py); kinds absent here block
+_FLOW = {
+    "conv": "conv", "conv_transpose": "conv_transpose", "linear": "linear",
+    "embedding": "embedding", "batch_norm": "batch_norm", "layer_norm": "normalized_last",
+    "rms_norm": "normalized_last", "scaled_dot_product": "sdpa", "matmul": "matmul",
+    "softmax": "over_dim", "log_softmax": "over_dim", "cat": "concat", "split": "split",
+    "chunk": "split", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
+    "squeeze": "reshape", "unsqueeze": "reshape", "permute": "axis_move",
+    "transpose": "axis_move", "contiguous": "same_index", "clone": "same_index",
+    "to": "same_index", "expand": "repeat", "getitem": "index", "size": "neutral",
+    "interpolate": "channel_first", "max_pool": "channel_first", "avg_pool": "channel_first",
+    "adaptive_avg_pool": "channel_first", "adaptive_max_pool": "channel_first",
+    "dropout": "same_index", "identity": "same_index", "assert_metadata": "neutral",
+    "cumsum": "over_dim",
+}
+
+
 def _op(kind, category, **kw) -> OpDef:
-    return register_op(OpDef(kind, category, **kw))
+    flow = kw.pop("flow", None) or _FLOW.get(kind) or (
+        "same_index" if category in ("activation", "elementwise") else
+        "over_dim" if category == "reduction" else None)
+    return register_op(OpDef(kind, category, flow=flow, **kw))
 
 
 _CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")

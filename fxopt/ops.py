@@ -19,7 +19,8 @@ never guesses what an unknown op does.
 What passes may *do* with an op is data on its entry too: a ``Category`` (an enum, so a typo
 fails at registration), ``Prop`` flags read with ``has_prop`` / ``kinds_with``, and the
 ``Effects`` that ``effects(node)`` reports to ``dce``, ``cse`` and ``fold_constants`` alike
-(see ``fxopt/op_props.py``).
+(see ``fxopt/op_props.py``), and so is how channels flow through it (``flow``, a rule of
+``fxopt/op_flow.py``), which pruning reads.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class OpDef:
     # the entry covers only nodes this accepts (``addmm`` is linear only with
     # ``alpha == beta == 1`` and a 1-D bias); other nodes of the same target stay opaque
     applies: Callable[[fx.Node], bool] | None = None
+    # how channels flow through the op: a rule name in ``fxopt.op_flow.FLOW_RULES``; None
+    # blocks pruning through it (``fxopt.prune.groups`` names the op in the reason)
+    flow: str | None = None
 
     def __post_init__(self) -> None:
         category = _enum_value(Category, self.category, f"op {self.kind!r}: category")
@@ -406,6 +410,19 @@ class OpView:
         with graph.inserting_before(self.node):
             new = graph.get_attr(attr)
         self._replace_arg(name, new)
+
+    def set_arg(self, name: str, value: Any) -> None:
+        """Replace bound argument ``name`` (function/method/ATen forms), e.g. a conv's
+        ``groups`` after pruning or a split's sizes.
+
+        Example::
+
+            op_of(conv_node).set_arg("groups", 4)
+        """
+        if self.form == "module":
+            raise KeyError(f"{self.kind} op {self.node.name} is a module call: set the "
+                           f"module's attribute instead of argument {name!r}")
+        self._replace_arg(name, value)
 
     def _replace_arg(self, name: str, value: Any) -> None:
         names = self._names()

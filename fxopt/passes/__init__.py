@@ -6,6 +6,7 @@ from fxopt.passes import (  # noqa: F401
     constants,
     fusion,
     half,
+    prune,
     quantize,
     rules,
 )
