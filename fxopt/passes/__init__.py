@@ -8,6 +8,7 @@ from fxopt.passes import (  # noqa: F401
     half,
     quantize,
     rules,
+    sparsify,
 )
 from fxopt.passes.base import (
     REGISTRY,
