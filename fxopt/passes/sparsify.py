@@ -237,7 +237,7 @@ def sparsify(gm: fx.GraphModule, ctx: PassContext, *, ratio: float | None = None
     record["pattern"] = pattern
     zeroed = 0
     for (w, nodes), keep in zip(groups.values(), masks, strict=True):
-        new = w.detach() * keep.to(w.dtype)
+        new = torch.where(keep, w.detach(), torch.zeros((), dtype=w.dtype))  # +0.0, not -0.0
         with torch.no_grad():
             op_of(twin_nodes[nodes[0].name]).params["weight"].mul_(keep.to(w.dtype))
         for node in nodes:
@@ -298,7 +298,8 @@ def keep_sparsity(gm: fx.GraphModule) -> dict[str, int]:
             dropped += 1
             continue
         if bool(((w != 0) & ~keep.to(w.device)).any()):
-            view.set_param("weight", w.detach() * keep.to(device=w.device, dtype=w.dtype))
+            zero = torch.zeros((), dtype=w.dtype, device=w.device)
+            view.set_param("weight", torch.where(keep.to(w.device), w.detach(), zero))
             reapplied += 1
     if reapplied:
         gm.recompile()
