@@ -36,13 +36,54 @@ import torch.fx as fx
 from fxopt.errors import PassError, SpecError
 from fxopt.graph_utils import copy_graph_module, layer_name, matches
 from fxopt.op_props import Prop
-from fxopt.ops import has_prop, kinds_with, op_of
+from fxopt.ops import effects, fetch_attr, has_prop, kinds_with, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.verify import EXACT, compare_outputs
 
 PATTERNS = ("unstructured", "2:4")
 SCOPES = ("global", "local")
 META_KEY = "sparsity"
+
+
+# --------------------------------------------------------------------------- weights
+def effective_weight(node: fx.Node) -> torch.Tensor | None:
+    """The weight ``node`` computes with: the stored tensor, or, when the graph computes it
+    from stored tensors alone (a fake-quantized weight after ``quantize``), that value.
+
+    >>> effective_weight(conv_node).shape  # doctest: +SKIP
+    torch.Size([16, 16, 3, 3])
+    """
+    view = op_of(node)
+    w = view.params.get("weight") if view.known else None
+    if isinstance(w, torch.Tensor) or view.param_node("weight") is None:
+        return w
+    root = node.graph.owning_module
+    env: dict[fx.Node, Any] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n not in env:
+            if n.op == "get_attr":
+                env[n] = fetch_attr(root, n.target)
+            elif n.op.startswith("call") and (effects(n).foldable or getattr(
+                    root.get_submodule(n.target) if n.op == "call_module" else None,
+                    "frozen", False)):  # a frozen fake-quant is pure
+                args = fx.node.map_arg((n.args, n.kwargs), value)
+                if n.op == "call_module":
+                    env[n] = root.get_submodule(n.target)(*args[0], **args[1])
+                elif n.op == "call_method":
+                    env[n] = getattr(args[0][0], n.target)(*args[0][1:], **args[1])
+                else:
+                    env[n] = n.target(*args[0], **args[1])
+            else:
+                raise LookupError(n.name)  # depends on an input: not a constant
+        return env[n]
+
+    try:
+        with torch.no_grad():
+            out = value(view.param_node("weight"))
+    except (LookupError, RuntimeError, TypeError):
+        return None
+    return out if isinstance(out, torch.Tensor) else None
 
 
 # --------------------------------------------------------------------------- masks
@@ -101,9 +142,9 @@ def validate_pattern(gm: fx.GraphModule, pattern: str = "2:4", *,
     for name in layers:
         if name not in nodes:
             raise PassError(f"validate_pattern: the graph has no node {name!r}")
-        w = op_of(nodes[name]).params.get("weight")
+        w = effective_weight(nodes[name])
         if not isinstance(w, torch.Tensor):
-            raise PassError(f"validate_pattern: {name} has no stored weight to check")
+            raise PassError(f"validate_pattern: {name}'s weight is not a constant to check")
         if pattern == "2:4":
             bad = violations_2to4(w)
             if bad:
@@ -128,7 +169,7 @@ def sparsity(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     for node in gm.graph.nodes:
         if not node.op.startswith("call") or not has_prop(node, Prop.SPARSIFY):
             continue
-        w = op_of(node).params.get("weight")
+        w = effective_weight(node)
         if isinstance(w, torch.Tensor):
             zeros = int((w == 0).sum())
             out[node.name] = {"layer": layer_name(node), "numel": w.numel(), "zeros": zeros,
@@ -291,13 +332,14 @@ def keep_sparsity(gm: fx.GraphModule) -> dict[str, int]:
     reapplied = dropped = 0
     for name, keep in list(record["masks"].items()):
         node = nodes.get(name)
-        view = op_of(node) if node is not None else None
-        w = view.params.get("weight") if view is not None and view.known else None
+        w = effective_weight(node) if node is not None else None
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(keep.shape):
-            del record["masks"][name]
+            del record["masks"][name]  # merged away or reshaped: the mask means nothing now
             dropped += 1
             continue
-        if bool(((w != 0) & ~keep.to(w.device)).any()):
+        view = op_of(node)
+        stored = view.params.get("weight")
+        if stored is not None and bool(((w != 0) & ~keep.to(w.device)).any()):
             zero = torch.zeros((), dtype=w.dtype, device=w.device)
             view.set_param("weight", torch.where(keep.to(w.device), w.detach(), zero))
             reapplied += 1
