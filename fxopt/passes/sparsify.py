@@ -21,9 +21,10 @@ storage in ``fxopt.lowering.eager_storage``) and, in 2:4, fast on sparse tensor 
 
 The pass changes the function on purpose (``Semantics.CHANGES``) and checks itself: the
 result must equal a copy of its input graph whose weights were multiplied by the same
-masks, to float round-off. The masks are kept in ``gm.meta["fxopt"]["sparsity"]``, and
-the PassManager re-applies them after any later pass that rewrites a sparsified weight
-in place (``keep_sparsity``), so ``sparsify,...,quantize`` or ``half`` keep the pattern.
+masks, to float round-off. The masks are kept on the sparsified nodes
+(``node.meta["fxopt_sparsity_mask"]``, carried to a node's replacement), and the
+PassManager re-applies them after any later pass that rewrites a sparsified weight
+(``keep_sparsity``), so ``sparsify,...,quantize`` or ``half`` keep the pattern.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from fxopt.verify import EXACT, compare_outputs
 
 PATTERNS = ("unstructured", "2:4")
 SCOPES = ("global", "local")
-META_KEY = "sparsity"
+META_KEY = "sparsity"  # gm.meta["fxopt"][META_KEY]: the pattern last applied
+MASK_META = "fxopt_sparsity_mask"  # node.meta: the keep-mask, carried by passes that
+# replace a node (they copy its meta), never serialized (graph.json keeps plain JSON only)
 
 
 # --------------------------------------------------------------------------- weights
@@ -123,8 +126,8 @@ def validate_pattern(gm: fx.GraphModule, pattern: str = "2:4", *,
                      layers: list[str] | None = None) -> dict[str, float]:
     """Check that the sparsified layers of ``gm`` hold ``pattern``; return their sparsity.
 
-    ``layers`` are node names (default: the layers ``sparsify`` recorded in
-    ``gm.meta``, else every ``Prop.SPARSIFY`` op). A 2:4 violation raises ``PassError``
+    ``layers`` are node names (default: the layers ``sparsify`` zeroed, else every
+    ``Prop.SPARSIFY`` op). A 2:4 violation raises ``PassError``
     naming the layer and how many groups of 4 break it.
 
     >>> validate_pattern(res.module, "2:4")  # doctest: +SKIP
@@ -133,8 +136,7 @@ def validate_pattern(gm: fx.GraphModule, pattern: str = "2:4", *,
     if pattern not in PATTERNS:
         raise SpecError(f"unknown sparsity pattern {pattern!r}; use one of {PATTERNS}")
     if layers is None:
-        record = gm.meta.get("fxopt", {}).get(META_KEY, {})
-        layers = list(record.get("masks", {})) or [
+        layers = [n.name for n in gm.graph.nodes if MASK_META in n.meta] or [
             n.name for n in gm.graph.nodes if n.op.startswith("call") and has_prop(n, Prop.SPARSIFY)
         ]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -180,17 +182,17 @@ def sparsity(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- the pass
 def _check_args(ratio, threshold, scope, pattern) -> float | None:
     if pattern not in PATTERNS:
-        raise SpecError(f"sparsify: unknown pattern {pattern!r}; use 'unstructured' or '2:4'")
+        raise PassError(f"sparsify: unknown pattern {pattern!r}; use 'unstructured' or '2:4'")
     if scope not in SCOPES:
-        raise SpecError(f"sparsify: unknown scope {scope!r}; use 'global' or 'local'")
+        raise PassError(f"sparsify: unknown scope {scope!r}; use 'global' or 'local'")
     if ratio is not None and threshold is not None:
-        raise SpecError(
+        raise PassError(
             "sparsify: give ratio= (a fraction of weights to zero) or threshold= (zero every "
             f"|w| <= threshold), not both (got ratio={ratio}, threshold={threshold})"
         )
     if pattern == "2:4":
         if threshold is not None or ratio not in (None, 0.5):
-            raise SpecError(
+            raise PassError(
                 "sparsify: pattern='2:4' always zeroes 2 of every 4 weights (ratio 0.5); "
                 f"drop ratio=/threshold= (got ratio={ratio}, threshold={threshold})"
             )
@@ -199,11 +201,11 @@ def _check_args(ratio, threshold, scope, pattern) -> float | None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
             threshold >= 0
         ):
-            raise SpecError(f"sparsify: threshold must be a number >= 0, got {threshold!r}")
+            raise PassError(f"sparsify: threshold must be a number >= 0, got {threshold!r}")
         return None
     ratio = 0.5 if ratio is None else ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise SpecError(
+        raise PassError(
             f"sparsify: ratio must be in [0, 1) (the fraction of weights zeroed), got {ratio!r}"
         )
     return float(ratio)
@@ -274,8 +276,7 @@ def sparsify(gm: fx.GraphModule, ctx: PassContext, *, ratio: float | None = None
     twin = copy_graph_module(gm)  # the reference: the same graph, weights multiplied by masks
     twin_nodes = {n.name: n for n in twin.graph.nodes}
     layers: dict[str, dict[str, Any]] = {}
-    record = gm.meta.setdefault("fxopt", {}).setdefault(META_KEY, {"masks": {}})
-    record["pattern"] = pattern
+    gm.meta.setdefault("fxopt", {})[META_KEY] = {"pattern": pattern}
     zeroed = 0
     for (w, nodes), keep in zip(groups.values(), masks, strict=True):
         new = torch.where(keep, w.detach(), torch.zeros((), dtype=w.dtype))  # +0.0, not -0.0
@@ -283,7 +284,7 @@ def sparsify(gm: fx.GraphModule, ctx: PassContext, *, ratio: float | None = None
             op_of(twin_nodes[nodes[0].name]).params["weight"].mul_(keep.to(w.dtype))
         for node in nodes:
             op_of(node).set_param("weight", new)
-            record["masks"][node.name] = keep
+            node.meta[MASK_META] = keep
             zeros = int((new == 0).sum())
             layers[node.name] = {"layer": layer_name(node), "numel": new.numel(),
                                  "zeros": zeros, "sparsity": round(zeros / new.numel(), 4)}
@@ -317,24 +318,21 @@ def _check_twin(gm: fx.GraphModule, twin: fx.GraphModule, ctx: PassContext) -> N
 
 # --------------------------------------------------------------------------- keeping zeros
 def keep_sparsity(gm: fx.GraphModule) -> dict[str, int]:
-    """Re-apply the masks ``sparsify`` recorded to any sparsified weight a later pass
-    rewrote (same node, same shape, nonzeros where the mask says zero); forget layers
-    whose weight changed shape or whose node is gone. Called by the PassManager after
-    every pass.
+    """Re-apply the masks ``sparsify`` left on its nodes to any sparsified weight a later
+    pass rewrote (nonzeros where the mask says zero); forget masks whose weight changed
+    shape or stopped being a constant. Called by the PassManager after every pass.
 
     >>> keep_sparsity(gm)  # doctest: +SKIP
     {'reapplied': 1, 'dropped': 0}
     """
-    record = gm.meta.get("fxopt", {}).get(META_KEY)
-    if not record or not record.get("masks"):
-        return {"reapplied": 0, "dropped": 0}
-    nodes = {n.name: n for n in gm.graph.nodes}
     reapplied = dropped = 0
-    for name, keep in list(record["masks"].items()):
-        node = nodes.get(name)
-        w = effective_weight(node) if node is not None else None
+    for node in gm.graph.nodes:
+        keep = node.meta.get(MASK_META)
+        if keep is None:
+            continue
+        w = effective_weight(node)
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(keep.shape):
-            del record["masks"][name]  # merged away or reshaped: the mask means nothing now
+            del node.meta[MASK_META]  # merged away or reshaped: the mask means nothing now
             dropped += 1
             continue
         view = op_of(node)
