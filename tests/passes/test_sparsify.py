@@ -278,3 +278,15 @@ def test_compact_tensor_bit_exact_and_corrupt_file(tmp_path):
     safetensors.torch.save_file(saved, str(f), {"format": "pt"})
     with pytest.raises(LoweringError, match="bitmask of .* does not fit"):
         fxopt.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("verify", [True, "end"])
+def test_sparsify_before_fold_bn_keeps_zeros(zoo_case, verify):
+    # fold_bn scales each output channel: zeros stay zero, and no mask needs re-applying
+    _, inputs, gm = zoo_case("resnet", "auto")
+    res = fxopt.optimize(gm, inputs, "sparsify(ratio=0.5,scope=local),default", verify=verify)
+    assert not any(r.stats.get("sparsity_reapplied") for r in res.report)
+    before = {v["layer"]: v["zeros"] for v in _stats(res)["layers"].values()}
+    after = {v["layer"]: v["zeros"] for v in sparsity(res.module).values()}
+    assert before and all(after[k] >= z for k, z in before.items())
+    assert "batch_norm" not in count_kinds(res.module)
