@@ -279,9 +279,11 @@ def sparsify(gm: fx.GraphModule, ctx: PassContext, *, ratio: float | None = None
     gm.meta.setdefault("fxopt", {})[META_KEY] = {"pattern": pattern}
     zeroed = 0
     for (w, nodes), keep in zip(groups.values(), masks, strict=True):
-        new = torch.where(keep, w.detach(), torch.zeros((), dtype=w.dtype))  # +0.0, not -0.0
-        with torch.no_grad():
-            op_of(twin_nodes[nodes[0].name]).params["weight"].mul_(keep.to(w.dtype))
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        new = torch.where(keep, w.detach(), zero)  # +0.0 where masked, never -0.0
+        for name in {n.name for n in nodes}:  # the twin: a product, not a select
+            view = op_of(twin_nodes[name])
+            view.set_param("weight", view.params["weight"].detach() * keep.to(w.dtype))
         for node in nodes:
             op_of(node).set_param("weight", new)
             node.meta[MASK_META] = keep

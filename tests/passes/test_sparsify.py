@@ -290,3 +290,23 @@ def test_sparsify_before_fold_bn_keeps_zeros(zoo_case, verify):
     after = {v["layer"]: v["zeros"] for v in sparsity(res.module).values()}
     assert before and all(after[k] >= z for k, z in before.items())
     assert "batch_norm" not in count_kinds(res.module)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight  # one parameter, two layers
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_weight_masked_once(mode):
+    x = torch.randn(2, 16)
+    res = fxopt.optimize(Tied(), (x,), "sparsify(ratio=0.5,scope=local)", mode=mode)
+    layers = _stats(res)["layers"]
+    assert len(layers) == 2
+    a, b = _weights(res.module, layers).values()
+    assert torch.equal(a, b) and int((a == 0).sum()) == 128  # one mask, half of 256
