@@ -179,6 +179,23 @@ def sparsity(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     return out
 
 
+def sparsity_table(stats: dict[str, Any]) -> str:
+    """The per-layer table of a ``sparsify`` record's stats (what the CLI prints).
+
+    >>> print(sparsity_table(res.report[-1].stats))  # doctest: +SKIP
+    layer     weights  zeros  sparsity
+    conv1     432      216    50.0%
+    """
+    rows = [("layer", "weights", "zeros", "sparsity")]
+    for v in stats.get("layers", {}).values():
+        rows.append((v["layer"], str(v["numel"]), str(v["zeros"]), f"{v['sparsity']:.1%}"))
+    rows += [(f"{k} (skipped)", "-", "-", why) for k, why in stats.get("skipped", {}).items()]
+    rows.append(("total", "", "", f"{stats.get('sparsity', 0.0):.1%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
 # --------------------------------------------------------------------------- the pass
 def _check_args(ratio, threshold, scope, pattern) -> float | None:
     if pattern not in PATTERNS:

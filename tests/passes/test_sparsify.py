@@ -23,6 +23,7 @@ from fxopt.passes.sparsify import (
     effective_weight,
     mask_2to4,
     sparsity,
+    sparsity_table,
     validate_pattern,
     violations_2to4,
 )
@@ -310,3 +311,13 @@ def test_shared_weight_masked_once(mode):
     assert len(layers) == 2
     a, b = _weights(res.module, layers).values()
     assert torch.equal(a, b) and int((a == 0).sum()) == 128  # one mask, half of 256
+
+
+def test_sparsity_table_lists_every_layer_and_skip():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    res = fxopt.optimize(model, (torch.randn(1, 3, 8, 8),), "sparsify(pattern='2:4')")
+    lines = sparsity_table(_stats(res)).splitlines()
+    assert lines[0].split() == ["layer", "weights", "zeros", "sparsity"]
+    assert lines[1].split() == ["2", "32", "16", "50.0%"]
+    assert "(skipped)" in lines[2] and "multiple of 4" in lines[2]
+    assert lines[-1].split() == ["total", "50.0%"]
