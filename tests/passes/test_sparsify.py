@@ -321,3 +321,16 @@ def test_sparsity_table_lists_every_layer_and_skip():
     assert lines[1].split() == ["2", "32", "16", "50.0%"]
     assert "(skipped)" in lines[2] and "multiple of 4" in lines[2]
     assert lines[-1].split() == ["total", "50.0%"]
+
+
+def test_onnx_export_keeps_the_zeros(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = zoo.load("mlp")[0]
+    x = torch.randn(4, 64)
+    res = fxopt.optimize(model, (x,), "sparsify(pattern='2:4')")
+    art = fxopt.lower(res.module, "onnx", (x,), path=tmp_path / "m.onnx")  # checked in ORT
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(art.path)).graph.initializer]
+    zeros = sum(int((w == 0).sum()) for w in weights if w.ndim == 2)
+    assert zeros == sum(v["zeros"] for v in _stats(res)["layers"].values())
