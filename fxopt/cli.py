@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fxopt.errors import FxoptError, SpecError
+from fxopt.passes.sparsify import sparsity_table
 
 # fxopt.lowering.onnx.DEFAULT_OPSET, restated so --help does not import ONNX Runtime
 # (tests/test_cli.py checks that the two agree)
@@ -236,6 +237,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,
                          progress=_progress, calibration=calibration)
     print(res.report)
+    for record in res.report:
+        if record.name == "sparsify" and record.modified:
+            print(sparsity_table(record.stats))
     _progress(f"lowering to {args.target}")
     options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
                if v is not None}

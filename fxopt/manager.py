@@ -25,6 +25,7 @@ from fxopt.errors import PassError, SpecError
 from fxopt.graph_utils import annotate_run, copy_graph_module, human_count, refresh_metadata
 from fxopt.ops import op_of
 from fxopt.passes.base import REGISTRY, Pass, PassContext, PassResult, Semantics
+from fxopt.passes.sparsify import keep_sparsity
 from fxopt.pipeline import PipelineLike, parse_pipeline
 from fxopt.verify import APPROXIMATE, EXACT, Tolerance, compare_outputs, worst_node
 
@@ -331,6 +332,12 @@ class _Run:
                 f"pass {p.spec} returned {type(result).__name__}, not PassResult(gm, modified, "
                 "stats)"
             )
+        if p.name != "sparsify":
+            # a pass that rewrote a sparsified weight gets its zeros back (before the check)
+            kept = keep_sparsity(result.gm)
+            if kept["reapplied"]:
+                result.modified = True
+                result.stats = {**result.stats, "sparsity_reapplied": kept["reapplied"]}
         return result
 
     def history(self, done: Sequence[str] | None = None) -> str:

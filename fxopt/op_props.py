@@ -65,6 +65,7 @@ class Prop(enum.StrEnum):
     MAY_ALIAS = "may_alias"  # its result may share storage with an input (views, no-op casts)
     WEIGHT_QUANT = "weight_quant"  # static int8 quantizes its weight along with its input
     FOLD_INTO = "fold_into"  # a following batch norm / per-channel affine folds into its weights
+    SPARSIFY = "sparsify"  # its weight (dim 1 = input channels) is zeroed by ``sparsify``
 
 
 _PLUMBING = frozenset({Prop.PLUMBING})

@@ -7,7 +7,8 @@ else counts 0, as fvcore and ptflops do for element-wise work.
 Properties beyond the category's defaults (``fxopt.op_props.CATEGORY_PROPS``) are listed on
 each entry: ``HALF_COMPUTE`` (run in fp16/bf16 by ``half``), ``FP32_SENSITIVE`` (kept fp32 by
 ``half``), ``COMMUTATIVE`` (rules match both operand orders), ``FOLD_INTO`` (``fold_bn``
-folds into it), ``WEIGHT_QUANT`` (static int8 quantizes its weight).
+folds into it), ``WEIGHT_QUANT`` (static int8 quantizes its weight), ``SPARSIFY``
+(``sparsify`` zeroes its weight; dim 1 is the input-channel axis 2:4 groups run along).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ _op("conv", "conv",
     aten=("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"),
     signature=_CONV_SIG, defaults=_CONV_DEFAULTS, params=("weight", "bias"),
     attrs=_CONV_ATTRS, macs=_conv_macs, normalize=_per_dim("stride", "padding", "dilation"),
-    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT))
+    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT, Prop.SPARSIFY))
 _op("conv_transpose", "conv",
     modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
     functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -176,7 +177,7 @@ _op("linear", "linear",
     modules=(nn.Linear,), functions=(F.linear, torch._C._nn.linear), aten=("linear",),
     signature=("input", "weight", "bias"), defaults={"bias": None},
     params=("weight", "bias"), macs=_linear_macs,
-    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT))
+    props=(_HALF, Prop.FOLD_INTO, Prop.WEIGHT_QUANT, Prop.SPARSIFY))
 
 
 def _addmm_is_linear(node) -> bool:

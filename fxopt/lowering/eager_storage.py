@@ -5,6 +5,11 @@ constructors and every tensor (kind, dtype, shape, device, and how tensors that 
 storage re-alias it, since safetensors refuses shared storage); ``weights.safetensors``
 holds the data; ``graph.json`` the fx graph; ``model.py`` readable code, never executed.
 
+A mostly-zero float tensor (``sparsify``'s output) is stored compactly: its nonzero
+values and a bitmask of where they sit (``__sparse__.NAME.values`` / ``.bitmask``, plain
+safetensors tensors), rebuilt dense on load, bit for bit. Such artifacts are
+``format_version`` 2; artifacts without one stay version 1.
+
 Example:
     >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 3))
     >>> tensors, to_save = tensor_specs(gm)
@@ -32,9 +37,11 @@ from fxopt.lowering.input_spec import spec_for_eager
 from fxopt.lowering.versions import check_versions, running_fxopt
 
 FORMAT = "fxopt-eager"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this fxopt reads and writes (2: compact sparse tensors)
 OLDEST_FORMAT_VERSION = 1  # the oldest layout read_manifest still understands
 VERSION_KEYS = ("fxopt_version", "torch_version")
+SPARSE_MIN_NUMEL = 256  # smaller tensors are not worth a second entry
+SPARSE_MAX_FRACTION = 0.75  # compact only when it takes at most this much of the dense bytes
 FILES = ("model.py", "graph.json", "weights.safetensors", "manifest.json")
 
 
@@ -87,7 +94,7 @@ def manifest_for(
     info = gm.meta.get("fxopt") or {}
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any("sparse" in t for t in tensors.values()) else 1,
         "fxopt_version": running_fxopt(),
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -213,9 +220,81 @@ def _place_group(members: list[tuple[str, torch.Tensor, dict]], to_save: dict) -
         elif geo(t) in by_view:
             info["same_data_as"] = by_view[geo(t)]
         else:  # its own copy (mixed-dtype views of one storage cannot share a span)
-            by_view[geo(t)] = info["key"] = name
+            by_view[geo(t)] = name
             data = t.detach().cpu().contiguous()
-            to_save[name] = data.clone() if len(views) > 1 else data
+            compact = compact_tensor(data)
+            if compact is None:
+                info["key"] = name
+                to_save[name] = data.clone() if len(views) > 1 else data
+            else:
+                info["sparse"] = {part: f"__sparse__.{name}.{part}" for part in compact}
+                to_save.update({info["sparse"][p]: v for p, v in compact.items()})
+
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _pack(bits: torch.Tensor) -> torch.Tensor:
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -bits.numel() % 8))
+    return (padded.reshape(-1, 8) * _BITS).sum(dim=1).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, numel: int, what: str) -> torch.Tensor:
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise LoweringError(f"sparse {what} of {packed.numel()} bytes does not fit {numel} values")
+    return (packed.unsqueeze(1) & _BITS).ne(0).reshape(-1)[:numel]
+
+
+def compact_tensor(t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``{"values", "bitmask"}`` (and ``"negzero"`` where ``-0.0`` occurs) of a mostly-zero
+    float tensor, or None when dense storage is smaller. NaN counts as a value and the
+    sign of zero is kept, so ``expand_tensor`` gives the tensor back bit for bit.
+
+    >>> w = torch.zeros(1024); w[::8] = 1.0
+    >>> parts = compact_tensor(w)
+    >>> parts["values"].numel(), parts["bitmask"].numel()
+    (128, 128)
+    >>> torch.equal(expand_tensor(parts, w.shape), w)
+    True
+    """
+    if not t.is_floating_point() or t.numel() < SPARSE_MIN_NUMEL:
+        return None
+    flat = t.contiguous().reshape(-1)
+    zero = flat == 0
+    nnz = flat.numel() - int(zero.sum())
+    compact_bytes = nnz * flat.element_size() + (flat.numel() + 7) // 8
+    if compact_bytes > SPARSE_MAX_FRACTION * flat.numel() * flat.element_size():
+        return None
+    parts = {"values": flat[~zero].clone(), "bitmask": _pack(~zero)}
+    negzero = zero & torch.signbit(flat)
+    if bool(negzero.any()):
+        parts["negzero"] = _pack(negzero)
+    return parts
+
+
+def expand_tensor(parts: dict[str, torch.Tensor], shape: list | tuple) -> torch.Tensor:
+    """The dense tensor of ``shape`` that ``compact_tensor`` stored as ``parts``; a bitmask
+    or value count that does not fit the shape raises ``LoweringError``.
+
+    >>> bits = torch.tensor([64], dtype=torch.uint8)
+    >>> expand_tensor({"values": torch.tensor([2.0]), "bitmask": bits}, [2, 2])
+    tensor([[0., 2.],
+            [0., 0.]])
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    values = parts["values"]
+    bits = _unpack(parts["bitmask"], numel, "bitmask")
+    if values.dim() != 1 or int(bits.sum()) != values.numel():
+        raise LoweringError(
+            f"sparse values ({values.numel()}) do not match the bitmask ({int(bits.sum())} set)"
+        )
+    dense = torch.zeros(numel, dtype=values.dtype)
+    if "negzero" in parts:
+        dense[_unpack(parts["negzero"], numel, "negzero mask")] = -0.0
+    dense[bits] = values
+    return dense.reshape([int(s) for s in shape])
 
 
 def assign_tensors(root: torch.nn.Module, specs: dict, saved: dict, device: Any) -> None:
@@ -244,6 +323,14 @@ def assign_tensors(root: torch.nn.Module, specs: dict, saved: dict, device: Any)
         else:
             if "same_data_as" in info:
                 data = objects[info["same_data_as"]].detach()
+            elif "sparse" in info:
+                keys = info["sparse"]
+                missing = [k for k in keys.values() if k not in saved]
+                if missing or not {"values", "bitmask"} <= set(keys):
+                    raise LoweringError(
+                        f"weights.safetensors lacks the compact parts of {where} ({missing})")
+                parts = {p: saved[k] for p, k in keys.items()}
+                data = to_device(expand_tensor(parts, info["shape"]), info)
             else:
                 key = info.get("storage", info.get("key"))
                 if key not in saved:

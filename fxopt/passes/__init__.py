@@ -9,6 +9,7 @@ from fxopt.passes import (  # noqa: F401
     prune,
     quantize,
     rules,
+    sparsify,
 )
 from fxopt.passes.base import (
     REGISTRY,

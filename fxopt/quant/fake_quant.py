@@ -57,6 +57,12 @@ class FakeQuantize(nn.Module):
         if mode in ("observe", "qat"):
             self.observer = self._new_observer()
 
+    @property
+    def frozen(self) -> bool:
+        """True when forward is a pure function of ``x`` (no observing, no learning), so
+        readers such as ``fxopt.passes.sparsify.effective_weight`` may evaluate it."""
+        return self.mode in ("quantize", "off")
+
     def _new_observer(self) -> nn.Module:
         return make_observer(self.observer_kind, bits=self.bits, signed=self.signed,
                              symmetric=self.symmetric, ch_axis=self.axis)
