@@ -180,14 +180,17 @@ def eager_copy(eager_art, tmp_path):
 
 
 def test_eager_newer_format_names_both_versions(eager_copy):
+    from fxopt.lowering.eager_storage import FORMAT_VERSION, OLDEST_FORMAT_VERSION
+
+    newer = FORMAT_VERSION + 1
     _edit(eager_copy / "manifest.json",
-          lambda d: d.update(format_version=2, fxopt_version="9.1.0", torch_version="2.99.0"))
+          lambda d: d.update(format_version=newer, fxopt_version="9.1.0", torch_version="2.99.0"))
     with pytest.raises(ArtifactVersionError) as e:
         fxopt.load(eager_copy)
     msg = str(e.value)
-    assert "written by fxopt 9.1.0 with torch 2.99.0 (format_version 2)" in msg
+    assert f"written by fxopt 9.1.0 with torch 2.99.0 (format_version {newer})" in msg
     assert f"this fxopt reads (fxopt {fxopt.lowering.versions.running_fxopt()} with torch " \
-           f"{torch.__version__}, format_version 1..1)" in msg
+           f"{torch.__version__}, format_version {OLDEST_FORMAT_VERSION}..{FORMAT_VERSION})" in msg
     assert "upgrade fxopt" in msg and "'fxopt>=9.1.0'" in msg and "lower the model again" in msg
 
 
