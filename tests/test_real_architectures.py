@@ -44,19 +44,6 @@ HALF_CHECK = {
 BF16_ONNX = ["convnext", "bert"]
 
 # ---------------------------------------------------------------------------- known failures
-_FP16_ONNX = (
-    "issue 11: lower(..., 'onnx') verifies an fp16 graph with the fp32 exact tolerance: "
-    "\"ONNX Runtime does not reproduce the GraphModule on the example inputs: output "
-    "'last_hidden_state' differs by 0.000458 (scale 0.818, allowed 1e-05 + 0.0001*scale, "
-    "cosine 1.000000)\" (ConvNeXt; 4e-4 to 1e-1 across these models, cosine >= 0.99994): "
-    "half-precision accumulation order legitimately differs"
-)
-_ASSERT_METADATA = (
-    "issue 11: half breaks export-captured decoders: the export's "
-    "aten._assert_tensor_metadata nodes still assert float32 after the pass cast their "
-    "inputs: \"PassError: pass half(dtype={dtype}) left a graph that is invalid or fails to "
-    "run: RuntimeError: ShapeProp error for: node=%_assert_tensor_metadata_default...\""
-)
 _ADDMM = (
     "GPT-2's Conv1D is aten.addmm(bias, x, W) in the export, and aten.addmm has no entry in "
     "fxopt's op table (op_of(...).kind == 'opaque'), so dynamic int8 finds no layer: "
@@ -64,12 +51,6 @@ _ADDMM = (
     "with a constant W), and none is left (no linear layers)\""
 )
 
-_BF16_TOLERANCE = (
-    "the half pass verifies bf16 with its fp16 tolerance (HALF_TOLERANCE rtol=3e-2, "
-    "min_cosine 0.999, fxopt/passes/half.py), though bf16 keeps 3 fewer mantissa bits: "
-    "\"PassError: pass half(dtype=bf16) changed the model's outputs: max abs error {err} "
-    "(relative {rel}, cosine {cos}) exceeds the approximate tolerance rtol=0.03, atol=0.001\""
-)
 _INT8_CNN = (
     "static int8 of this random-weight CNN falls below the 0.99 cosine floor (random weights "
     "with data-driven BN amplify rounding noise layer after layer); ONNX Runtime's own "
@@ -79,12 +60,6 @@ _INT8_CNN = (
 
 XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
     ("gpt2", "int8"): (_ADDMM, fxopt.QuantizationError),
-    ("resnet", "bf16"): (_BF16_TOLERANCE.format(err="0.229", rel="0.0349", cos="0.999334"),
-                         fxopt.PassError),
-    ("mobilenet-v2", "bf16"): (_BF16_TOLERANCE.format(err="1.09", rel="0.182", cos="0.994456")
-                               + "; this one also misses HALF_CHECK['bf16'] here: the error "
-                               "grows over the 16 inverted residuals as int8's does",
-                               fxopt.PassError),
     ("resnet", "int8"): (_INT8_CNN.format(
         ort="cosine 0.9922, above fxopt",
         observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "
@@ -107,12 +82,6 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
                  "abs error 0.441 (relative 0.191, cosine 0.957821) exceeds the approximate "
                  "tolerance\""), fxopt.PassError),
 }
-for _name in ALL:
-    XFAIL[(_name, "fp16-onnx")] = (_FP16_ONNX, fxopt.LoweringError)
-for _name in ("gpt2", "llama-gqa", "qwen2-gqa"):
-    for _dtype in ("fp16", "bf16"):
-        XFAIL[(_name, _dtype)] = (_ASSERT_METADATA.format(dtype=_dtype), fxopt.PassError)
-    XFAIL[(_name, "fp16-onnx")] = (_ASSERT_METADATA.format(dtype="fp16"), fxopt.PassError)
 
 
 def _params(names: list[str], stage: str, dtypes: tuple[str, ...] = ()) -> list:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -40,7 +41,7 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import Artifact, destination, onnx_export, run_module, write_files
 from fxopt.progress import stage
-from fxopt.verify import EXACT, QUANTIZED, Tolerance, compare_outputs, random_like_inputs
+from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
@@ -131,8 +132,10 @@ def lower(
     ``exporter`` is ``"dynamo"`` (torch.export-based), ``"torchscript"``, or ``"auto"``
     (dynamo, then TorchScript with a warning if dynamo fails or does not verify).
     ``dim_bounds`` ({"batch": (min, opt, max)}) is recorded for TensorRT profiles.
-    ``tolerance`` defaults to 1e-4 relative, or ``fxopt.verify.QUANTIZED`` for a graph
-    the ``quantize`` pass changed (ONNX Runtime runs real int8 kernels there).
+    ``tolerance`` defaults to the graph's own (``fxopt.verify.graph_tolerance``): 1e-4
+    relative for float32, ``QUANTIZED`` for a graph the ``quantize`` pass changed (ONNX
+    Runtime runs real int8 kernels there), ``HALF_FP16`` / ``HALF_BF16`` where half tensors
+    flow (ONNX Runtime's half kernels accumulate in another order).
     Session options (``threads``, ``graph_optimization_level``, ``providers``) apply to
     the returned artifact; verification always runs on ONNX Runtime's CPU provider.
 
@@ -162,8 +165,7 @@ def lower(
     _check_replaceable(dest)  # before any work: refuse early, touch nothing
 
     if tolerance is None:
-        quantized = (gm.meta.get("fxopt") or {}).get("quantized")
-        tolerance = QUANTIZED if quantized else EXACT
+        tolerance = graph_tolerance(gm)
     reference = run_module(gm, inputs, "the GraphModule")
     job = _Job(gm, inputs, input_names, _output_names(reference), dims, bounds, opset,
                external_data_threshold, tolerance,
@@ -253,6 +255,8 @@ class _Job:
             "external_data_threshold": self.threshold,
             "capture": (meta.get("capture") or {}).get("frontend"),
             "pipeline": meta.get("pipeline"),
+            # what "verified" was checked against: a loaded artifact's caller compares with it
+            "tolerance": dataclasses.asdict(self.tolerance),
         }
 
 
