@@ -207,6 +207,12 @@ _op("matmul", "matmul",
     functions=(torch.matmul, torch.bmm, torch.mm, operator.matmul),
     methods=("matmul", "bmm", "mm"), aten=("matmul", "bmm", "mm"),
     signature=("input", "other"), macs=_matmul_macs, props=(_HALF,))
+# bias + mat1 @ mat2: Hugging Face's Conv1D (GPT-2) in an export; a matmul for half
+# precision, not (yet) a linear layer for quantization or folding
+_op("addmm", "matmul",
+    functions=(torch.addmm,), methods=("addmm",), aten=("addmm",),
+    signature=("input", "mat1", "mat2", "beta", "alpha"), defaults={"beta": 1, "alpha": 1},
+    props=(_HALF,))
 
 # ---------------------------------------------------------------- activations
 _ACTIVATIONS = {

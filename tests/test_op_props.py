@@ -20,8 +20,8 @@ from fxopt.ops import OpDef, has_prop, kind_of, kinds_with, op_of, registered, u
 USED_TO_LIVE_IN_THE_PASSES = {
     # passes/rules.py COMMUTATIVE; passes/fusion.py's ("mul", "add") operand swap
     Prop.COMMUTATIVE: {"add", "mul"},
-    # passes/half.py HALF_KINDS
-    Prop.HALF_COMPUTE: {"conv", "conv_transpose", "linear", "matmul", "attention",
+    # passes/half.py HALF_KINDS, and addmm (GPT-2's Conv1D in an export, issue 11)
+    Prop.HALF_COMPUTE: {"conv", "conv_transpose", "linear", "matmul", "addmm", "attention",
                         "scaled_dot_product", "embedding"},
     # passes/half.py FP32_KINDS
     Prop.FP32_SENSITIVE: {"softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm",
