@@ -51,6 +51,10 @@ _ADDMM = (
     "with a constant W), and none is left (no linear layers)\""
 )
 
+_MOBILENET_HALF = (
+    "half precision error grows over MobileNetV2's 16 inverted residuals (ReLU6 after "
+    "every expansion) as int8's does, no single layer breaks: {observed}"
+)
 _INT8_CNN = (
     "static int8 of this random-weight CNN falls below the 0.99 cosine floor (random weights "
     "with data-driven BN amplify rounding noise layer after layer); ONNX Runtime's own "
@@ -60,6 +64,16 @@ _INT8_CNN = (
 
 XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
     ("gpt2", "int8"): (_ADDMM, fxopt.QuantizationError),
+    ("mobilenet-v2", "bf16"): (_MOBILENET_HALF.format(
+        observed="\"PassError: pass half(dtype=bf16) changed the model's outputs: max abs "
+                 "error 1.09 (relative 0.182, cosine 0.994456) exceeds the approximate "
+                 "tolerance rtol=0.1, atol=0.01\" (HALF_BF16); it misses HALF_CHECK['bf16'] "
+                 "too"), fxopt.PassError),
+    ("mobilenet-v2", "fp16-onnx"): (_MOBILENET_HALF.format(
+        observed="ONNX Runtime's fp16 kernels vs PyTorch's on the same fp16 graph, random "
+                 "inputs at batch 3: \"output 'last_hidden_state' differs by 0.187 (scale 6, "
+                 "allowed 0.001 + 0.03*scale, cosine 0.999705)\" (HALF_FP16; 0.031 of the "
+                 "scale against 0.03)"), fxopt.LoweringError),
     ("resnet", "int8"): (_INT8_CNN.format(
         ort="cosine 0.9922, above fxopt",
         observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "

@@ -293,3 +293,95 @@ def test_plain_symbolic_trace_without_meta():
     assert res.stats["fp32_nodes"] == ["_1"]  # the LayerNorm
     with torch.no_grad():
         assert compare_outputs(want, res.gm(*x)).ok(TOLERANCES["fp16"])
+
+
+# --------------------------------------------------------------------------- tolerances
+def test_each_dtype_is_verified_with_its_own_tolerance(zoo_case):
+    """One tolerance per dtype, the same in the manager and in lower(..., "onnx")."""
+    from fxopt.passes.half import BF16_TOLERANCE, HALF_TOLERANCE
+    from fxopt.verify import EXACT, HALF_BF16, HALF_FP16, graph_tolerance
+
+    manager = fxopt.PassManager("half(dtype=fp16)")
+    assert manager.tolerance_for(manager.passes[0]) == HALF_TOLERANCE == HALF_FP16
+    manager = fxopt.PassManager("half(dtype=bf16)")
+    assert manager.tolerance_for(manager.passes[0]) == BF16_TOLERANCE == HALF_BF16
+    # bf16 keeps 3 fewer mantissa bits: looser, but a broken layer still fails its floor
+    assert HALF_BF16.rtol > HALF_FP16.rtol and 0.99 <= HALF_BF16.min_cosine < HALF_FP16.min_cosine
+    _, inputs, gm = zoo_case("resnet", "symbolic")
+    assert graph_tolerance(gm) == EXACT
+    for dtype, tol in (("fp16", HALF_FP16), ("bf16", HALF_BF16)):
+        half_gm = fxopt.optimize(gm, inputs, f"half(dtype={dtype})").module
+        assert graph_tolerance(half_gm) == tol
+
+
+def _break_one_layer(gm: fx.GraphModule, how: str, factor: float = 1.06) -> str:
+    """A real bug in one half-precision layer, not rounding noise: ``"flip"`` negates the
+    middle conv's weight; ``"scale"`` makes the last layer's output ``factor`` times too
+    large (cosine stays 1.0, so only the element bound can see it)."""
+    layers = [n for n in gm.graph.nodes if n.op == "call_module"
+              and kind_of(n) in ("conv", "linear")
+              and gm.get_submodule(n.target).weight.dtype in (torch.float16, torch.bfloat16)]
+    node = layers[len(layers) // 2] if how == "flip" else layers[-1]
+    with torch.no_grad():
+        mod = gm.get_submodule(node.target)
+        mod.weight.mul_(-1.0 if how == "flip" else factor)
+        if how == "scale" and mod.bias is not None:
+            mod.bias.mul_(factor)
+    return node.name
+
+
+@pytest.mark.parametrize("how", ["flip", "scale"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_wrong_half_graph_is_refused_by_the_manager(zoo_case, temp_pass, dtype, how):
+    """A pass that makes the half graph wrong in one layer, verified with half's own
+    per-dtype tolerance, is refused and named."""
+    import dataclasses
+
+    from fxopt.passes.base import REGISTRY
+
+    half_fn = REGISTRY["half"].fn
+
+    def broken_half(gm, ctx, *, dtype: str = "fp16"):
+        result = half_fn(gm, ctx, dtype=dtype)
+        # 6% off for fp16 (rtol 3e-2), 15% for bf16 (rtol 1e-1)
+        _break_one_layer(result.gm, how, {"fp16": 1.06, "bf16": 1.15}[dtype])
+        return result
+
+    temp_pass("broken_half", broken_half, fxopt.Semantics.APPROXIMATE)
+    REGISTRY["broken_half"] = dataclasses.replace(REGISTRY["broken_half"],
+                                                  tolerance=REGISTRY["half"].tolerance)
+    model, inputs, gm = zoo_case("resnet", "symbolic")
+    fxopt.optimize(gm, inputs, f"half(dtype={dtype})")  # the honest pass passes
+    with pytest.raises(fxopt.PassError, match="broken_half"):
+        fxopt.optimize(gm, inputs, f"broken_half(dtype={dtype})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_resnet50_half_exports_to_onnx_and_verifies(tmp_path, dtype):
+    """A ResNet-50-sized graph in half precision: lower(..., "onnx") verifies it with the
+    graph's own half tolerance (ONNX Runtime's half kernels accumulate in another order)
+    and the artifact matches the float32 model; bf16 skips naming the kernel ONNX Runtime's
+    CPU provider lacks."""
+    from fxopt.verify import HALF
+
+    model, inputs = zoo.load("resnet50")
+    res = fxopt.optimize(model, inputs, f"default,half(dtype={dtype})")
+    path = tmp_path / "resnet50.onnx"
+    try:
+        art = fxopt.lower(res.module, "onnx", inputs, path=path, exporter="dynamo")
+    except fxopt.LoweringError as e:
+        missing = ("Could not find an implementation for", "Type 'tensor(bfloat16)'")
+        if dtype == "bf16" and any(m in str(e) for m in missing):
+            assert not path.exists()
+            pytest.skip(f"ONNX Runtime's CPU provider has no bfloat16 kernel: {str(e)[:300]}")
+        raise
+    tol = HALF[HALF_DTYPES[dtype]]
+    assert art.manifest["tolerance"]["rtol"] == tol.rtol
+    with torch.no_grad():
+        want = model(*inputs)
+    report = compare_outputs(want, art(*inputs), tol)
+    assert report.ok(), (report.rel, report.cosine)
+    proto = onnx.load(str(path), load_external_data=False)
+    kinds = {i.data_type for i in proto.graph.initializer if len(i.dims) >= 2}
+    assert {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype] in kinds
