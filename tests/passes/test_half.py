@@ -356,8 +356,22 @@ def test_a_wrong_half_graph_is_refused_by_the_manager(zoo_case, temp_pass, dtype
         fxopt.optimize(gm, inputs, f"broken_half(dtype={dtype})")
 
 
+_BF16_RESNET50 = (
+    "bf16 rounding of every activation over ResNet-50's 16 bottlenecks (random weights, "
+    "data-driven BN) exceeds HALF_BF16 in the half pass itself, before any export: "
+    "\"PassError: pass half(dtype=bf16) changed the model's outputs: max abs error 0.215 "
+    "(relative 0.111, cosine 0.994037) exceeds the approximate tolerance rtol=0.1, "
+    "atol=0.01; the error first appears at node 'layer3_0_conv2'\"; ONNX Runtime's CPU "
+    "provider has no bfloat16 Conv kernel either"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [
+    "fp16",
+    pytest.param("bf16", marks=pytest.mark.xfail(strict=True, raises=fxopt.PassError,
+                                                 reason=_BF16_RESNET50)),
+])
 def test_resnet50_half_exports_to_onnx_and_verifies(tmp_path, dtype):
     """A ResNet-50-sized graph in half precision: lower(..., "onnx") verifies it with the
     graph's own half tolerance (ONNX Runtime's half kernels accumulate in another order)
