@@ -399,3 +399,32 @@ def test_resnet50_half_exports_to_onnx_and_verifies(tmp_path, dtype):
     proto = onnx.load(str(path), load_external_data=False)
     kinds = {i.data_type for i in proto.graph.initializer if len(i.dims) >= 2}
     assert {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype] in kinds
+
+
+class _Upcast(nn.Module):
+    """Hugging Face style ``h.to(torch.float32)``: torch.export asserts h's dtype first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc(x).to(torch.float32) * 2)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_export_dtype_assertions_follow_the_pass(dtype):
+    """aten._assert_tensor_metadata checks stay in the graph and assert the new dtype."""
+    from fxopt.graph_utils import retype_metadata_asserts
+
+    model, x = _Upcast().eval(), torch.randn(2, 8)
+    gm = fxopt.capture(model, (x,), mode="export")
+    asserts = [n for n in gm.graph.nodes if kind_of(n) == "assert_metadata"]
+    assert [n.kwargs["dtype"] for n in asserts] == [torch.float32]
+    assert retype_metadata_asserts(gm) == 0  # already true: nothing to change
+    res = fxopt.optimize(gm, (x,), f"half(dtype={dtype})")
+    after = [n for n in res.module.graph.nodes if kind_of(n) == "assert_metadata"]
+    assert [n.kwargs["dtype"] for n in after] == [HALF_DTYPES[dtype]]
+    assert after[0].args[0].meta["dtype"] == HALF_DTYPES[dtype]
+    with torch.no_grad():
+        assert compare_outputs(model(x), res.module(x)).ok(TOLERANCES[dtype])
