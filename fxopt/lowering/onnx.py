@@ -508,7 +508,30 @@ def _session(f: Path, config: dict, log_level: int = 3) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(f), options, providers=config["providers"])
     except Exception as e:
-        raise LoweringError(f"ONNX Runtime cannot open {f.name}: {str(e).strip()[:400]}") from e
+        raise LoweringError(f"ONNX Runtime cannot open {f.name}{_kernel_hint(f, str(e), config)}: "
+                            f"{str(e).strip()[:400]}") from e
+
+
+def _kernel_hint(f: Path, msg: str, config: dict) -> str:
+    """Name the missing kernel of a bfloat16 model (ONNX Runtime's CPU provider lacks many:
+    Conv, MatMul, Add...) and what to do; empty for any other failure."""
+    op = (re.search(r"Could not find an implementation for (\w+\(\d+\))", msg)
+          or re.search(r"tensor\(bfloat16\)' of input parameter \(\S*\) of operator \((\w+)\)",
+                       msg))
+    if op is None:
+        return ""
+    try:
+        proto = onnx.load_model(str(f), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; the raw error follows
+        return ""
+    bf16 = onnx.TensorProto.BFLOAT16
+    if not any(t.data_type == bf16 for t in proto.graph.initializer) and not any(
+            v.type.tensor_type.elem_type == bf16
+            for v in [*proto.graph.input, *proto.graph.value_info]):
+        return ""
+    providers = [p[0] if isinstance(p, (tuple, list)) else p for p in config["providers"]]
+    return (f" (no bfloat16 kernel for {op[1]} on {', '.join(providers)}: export with "
+            "half(dtype=fp16), or run on a provider with bfloat16 kernels such as CUDA)")
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -357,3 +358,19 @@ def test_fxopt_exports_are_tensorrt_ready(zoo_case, tmp_path, name):
     unbounded = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "u.onnx")
     report = fxopt.check_trt(unbounded.path)
     assert report.ok and [f.code for f in report.findings] == ["unbounded-dynamic-dim"]
+
+
+def test_a_bf16_graph_without_cpu_kernels_names_the_kernel(zoo_case, tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Conv (ORT 1.2x-1.3x): a typed error that
+    names it and says what to do, and no file; once it has one, the export verifies."""
+    model, inputs, gm = zoo_case("resnet", "symbolic")
+    half = fxopt.optimize(gm, inputs, "default,half(dtype=bf16)").module
+    out = tmp_path / "new" / "m.onnx"
+    try:
+        art = fxopt.lower(half, "onnx", inputs, path=out, exporter="dynamo")
+    except LoweringError as e:
+        assert re.search(r"no bfloat16 kernel for Conv on CPUExecutionProvider: export with "
+                         r"half\(dtype=fp16\)", str(e)), str(e)
+        assert not (tmp_path / "new").exists()
+    else:
+        assert art.manifest["tolerance"]["rtol"] == 0.1
