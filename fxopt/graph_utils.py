@@ -33,6 +33,42 @@ _VALUE = "fxopt_value"  # small non-tensor results (sizes, ints) that later node
 
 
 # --------------------------------------------------------------------------- metadata
+def retype_metadata_asserts(gm: fx.GraphModule, dtypes: Any = None) -> int:
+    """Keep ``torch.export``'s ``aten._assert_tensor_metadata`` checks true after a pass
+    changed what dtype a value has; returns how many were changed.
+
+    Every pass that retypes values calls this one helper (so the checks are kept, never
+    dropped by one pass and kept by another): each assertion's ``dtype`` becomes the dtype
+    its input now has, read from ``dtypes`` (a ``{node: torch.dtype}`` mapping of the pass's
+    decisions) or else from the input's ``meta["dtype"]``. Where that dtype is unknown the
+    dtype check is removed rather than left asserting a stale one.
+
+    Example::
+
+        retype_metadata_asserts(gm, {x_node: torch.float16})   # after casting x to fp16
+    """
+    from fxopt.ops import kind_of  # ops imports this module
+
+    dtypes = dtypes or {}
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or kind_of(node) != "assert_metadata" or not node.args:
+            continue
+        src = node.args[0]
+        have = dtypes.get(src) if isinstance(src, fx.Node) else None
+        if have is None and isinstance(src, fx.Node):
+            have = src.meta.get("dtype")
+        have = have if isinstance(have, torch.dtype) else None
+        if len(node.args) > 3:  # (a, size, stride, dtype) given positionally
+            if node.args[3] is not None and node.args[3] != have:
+                node.args = (*node.args[:3], have, *node.args[4:])
+                changed += 1
+        elif node.kwargs.get("dtype") is not None and node.kwargs["dtype"] != have:
+            node.kwargs = {**node.kwargs, "dtype": have}
+            changed += 1
+    return changed
+
+
 def annotate(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
     """Refresh shape/dtype/device/module-path metadata on every node by running ``inputs``.
 

@@ -27,7 +27,14 @@ from fxopt.ops import op_of
 from fxopt.passes.base import REGISTRY, Pass, PassContext, PassResult, Semantics
 from fxopt.passes.sparsify import keep_sparsity
 from fxopt.pipeline import PipelineLike, parse_pipeline
-from fxopt.verify import APPROXIMATE, EXACT, Tolerance, compare_outputs, worst_node
+from fxopt.verify import (
+    APPROXIMATE,
+    EXACT,
+    Tolerance,
+    compare_outputs,
+    loosest,
+    worst_node,
+)
 
 TOLERANCES = {Semantics.EXACT: EXACT, Semantics.APPROXIMATE: APPROXIMATE}
 
@@ -176,6 +183,8 @@ class PassManager:
             if p.semantics.value in self.tolerance:
                 return self.tolerance[p.semantics.value]
         info = REGISTRY.get(p.name)
+        if info is not None and callable(info.tolerance):  # depends on the arguments
+            return info.tolerance(p.params)
         if info is not None and info.tolerance is not None:
             return info.tolerance
         return TOLERANCES.get(p.semantics)
@@ -424,10 +433,7 @@ class _Run:
 
     def _loosest(self, first: int, last: int) -> Tolerance:
         tols = [self.manager.tolerance_for(p) for p in self.manager.passes[first:last + 1]]
-        tols = [t for t in tols if t is not None] or [EXACT]
-        floors = [t.min_cosine for t in tols if t.min_cosine is not None]
-        return Tolerance(max(t.rtol for t in tols), max(t.atol for t in tols),
-                         min(floors) if floors else None)
+        return loosest([t for t in tols if t is not None])
 
     def fail(self, index: int, gm: fx.GraphModule, cmp, tol: Tolerance,
              bisected: bool = False, before: fx.GraphModule | None = None) -> None:

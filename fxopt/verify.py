@@ -40,6 +40,57 @@ APPROXIMATE = Tolerance(rtol=5e-2, atol=1e-3, min_cosine=0.99)
 # than fake-quant; the cosine floor is the real check, the element bound only catches a
 # wrong scale or a broken layer
 QUANTIZED = Tolerance(rtol=1.0, atol=1e-3, min_cosine=0.99)
+# half-precision graphs, against float32 or against another runtime's half kernels (whose
+# accumulation order legitimately differs): fp16 keeps 10 mantissa bits (measured within
+# rtol 1e-2, cosine >= 0.9999 on the zoo and on ResNet-50-sized models); bf16 keeps 7, three
+# fewer, so its bound is looser but a broken layer (cosine < 0.99) is still refused
+HALF_FP16 = Tolerance(rtol=3e-2, atol=1e-3, min_cosine=0.999)
+HALF_BF16 = Tolerance(rtol=1e-1, atol=1e-2, min_cosine=0.995)
+HALF = {torch.float16: HALF_FP16, torch.bfloat16: HALF_BF16}
+
+
+def loosest(tolerances: Sequence[Tolerance]) -> Tolerance:
+    """The tolerance every one of ``tolerances`` is at least as strict as.
+
+    Example::
+
+        loosest([EXACT, HALF_FP16])   # == HALF_FP16
+    """
+    tols = list(tolerances) or [EXACT]
+    floors = [t.min_cosine for t in tols if t.min_cosine is not None]
+    return Tolerance(max(t.rtol for t in tols), max(t.atol for t in tols),
+                     min(floors) if floors else None)
+
+
+def graph_tolerance(gm: fx.GraphModule) -> Tolerance:
+    """The tolerance another runtime's execution of ``gm`` is checked with, from what the
+    graph computes in: ``QUANTIZED`` for a graph the ``quantize`` pass changed, ``HALF_FP16``
+    / ``HALF_BF16`` where float16 / bfloat16 tensors flow (weights or node values), else
+    ``EXACT``; a graph with several gets the loosest of them.
+
+    Example::
+
+        graph_tolerance(fxopt.optimize(m, (x,), "half(dtype=bf16)").module)  # HALF_BF16
+    """
+    tols = [QUANTIZED] if (gm.meta.get("fxopt") or {}).get("quantized") else []
+    dtypes = {t.dtype for t in [*gm.parameters(), *gm.buffers()]}
+    for node in gm.graph.nodes:
+        dt = node.meta.get("dtype")
+        dtypes.update(d for d in (dt if isinstance(dt, (list, tuple)) else [dt])
+                      if isinstance(d, torch.dtype))
+        if node.op == "get_attr":
+            value = _attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                dtypes.add(value.dtype)
+    tols += [tol for dt, tol in HALF.items() if dt in dtypes]
+    return loosest(tols) if tols else EXACT
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 @dataclass

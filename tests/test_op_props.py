@@ -20,7 +20,7 @@ from fxopt.ops import OpDef, has_prop, kind_of, kinds_with, op_of, registered, u
 USED_TO_LIVE_IN_THE_PASSES = {
     # passes/rules.py COMMUTATIVE; passes/fusion.py's ("mul", "add") operand swap
     Prop.COMMUTATIVE: {"add", "mul"},
-    # passes/half.py HALF_KINDS
+    # passes/half.py HALF_KINDS (aten.addmm, GPT-2's Conv1D in an export, is a linear)
     Prop.HALF_COMPUTE: {"conv", "conv_transpose", "linear", "matmul", "attention",
                         "scaled_dot_product", "embedding"},
     # passes/half.py FP32_KINDS

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -42,7 +43,7 @@ from fxopt.lowering import Artifact, destination, onnx_export, run_module, write
 from fxopt.lowering.input_spec import check_inputs, spec_for_onnx
 from fxopt.lowering.versions import check_versions, version_note
 from fxopt.progress import stage
-from fxopt.verify import EXACT, QUANTIZED, Tolerance, compare_outputs, random_like_inputs
+from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
@@ -141,8 +142,10 @@ def lower(
     ``exporter`` is ``"dynamo"`` (torch.export-based), ``"torchscript"``, or ``"auto"``
     (dynamo, then TorchScript with a warning if dynamo fails or does not verify).
     ``dim_bounds`` ({"batch": (min, opt, max)}) is recorded for TensorRT profiles.
-    ``tolerance`` defaults to 1e-4 relative, or ``fxopt.verify.QUANTIZED`` for a graph
-    the ``quantize`` pass changed (ONNX Runtime runs real int8 kernels there).
+    ``tolerance`` defaults to the graph's own (``fxopt.verify.graph_tolerance``): 1e-4
+    relative for float32, ``QUANTIZED`` for a graph the ``quantize`` pass changed (ONNX
+    Runtime runs real int8 kernels there), ``HALF_FP16`` / ``HALF_BF16`` where half tensors
+    flow (ONNX Runtime's half kernels accumulate in another order).
     Session options (``threads``, ``graph_optimization_level``, ``providers``) apply to
     the returned artifact; verification always runs on ONNX Runtime's CPU provider.
 
@@ -172,8 +175,7 @@ def lower(
     _check_replaceable(dest)  # before any work: refuse early, touch nothing
 
     if tolerance is None:
-        quantized = (gm.meta.get("fxopt") or {}).get("quantized")
-        tolerance = QUANTIZED if quantized else EXACT
+        tolerance = graph_tolerance(gm)
     reference = run_module(gm, inputs, "the GraphModule")
     job = _Job(gm, inputs, input_names, _output_names(reference), dims, bounds, opset,
                external_data_threshold, tolerance,
@@ -263,6 +265,8 @@ class _Job:
             "external_data_threshold": self.threshold,
             "capture": (meta.get("capture") or {}).get("frontend"),
             "pipeline": meta.get("pipeline"),
+            # what "verified" was checked against: a loaded artifact's caller compares with it
+            "tolerance": dataclasses.asdict(self.tolerance),
         }
 
 
@@ -517,7 +521,30 @@ def _session(f: Path, config: dict, log_level: int = 3) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(f), options, providers=config["providers"])
     except Exception as e:
-        raise LoweringError(f"ONNX Runtime cannot open {f.name}: {str(e).strip()[:400]}") from e
+        raise LoweringError(f"ONNX Runtime cannot open {f.name}{_kernel_hint(f, str(e), config)}: "
+                            f"{str(e).strip()[:400]}") from e
+
+
+def _kernel_hint(f: Path, msg: str, config: dict) -> str:
+    """Name the missing kernel of a bfloat16 model (ONNX Runtime's CPU provider lacks many:
+    Conv, MatMul, Add...) and what to do; empty for any other failure."""
+    op = (re.search(r"Could not find an implementation for (\w+\(\d+\))", msg)
+          or re.search(r"tensor\(bfloat16\)' of input parameter \(\S*\) of operator \((\w+)\)",
+                       msg))
+    if op is None:
+        return ""
+    try:
+        proto = onnx.load_model(str(f), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; the raw error follows
+        return ""
+    bf16 = onnx.TensorProto.BFLOAT16
+    if not any(t.data_type == bf16 for t in proto.graph.initializer) and not any(
+            v.type.tensor_type.elem_type == bf16
+            for v in [*proto.graph.input, *proto.graph.value_info]):
+        return ""
+    providers = [p[0] if isinstance(p, (tuple, list)) else p for p in config["providers"]]
+    return (f" (no bfloat16 kernel for {op[1]} on {', '.join(providers)}: export with "
+            "half(dtype=fp16), or run on a provider with bfloat16 kernels such as CUDA)")
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:

@@ -59,7 +59,7 @@ class PassInfo:
     fn: Callable[..., PassResult]
     semantics: Semantics
     doc: str
-    tolerance: Any = None  # the pass's own verification tolerance, if not its class's
+    tolerance: Any = None  # its own verification tolerance (or params -> one), if not its class's
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -72,7 +72,8 @@ REGISTRY: dict[str, PassInfo] = {}
 
 def register_pass(name: str, semantics: Semantics = Semantics.EXACT, tolerance: Any = None):
     """Register ``fn(gm, ctx, **params) -> PassResult`` under ``name``; ``tolerance``
-    (a ``fxopt.verify.Tolerance``) replaces the semantics class's default for this pass.
+    (a ``fxopt.verify.Tolerance``, or a function of the pass's arguments returning one)
+    replaces the semantics class's default for this pass.
 
     Example::
 

@@ -20,9 +20,12 @@ float32; without it the graph takes and returns the target dtype. Integer and bo
 are never cast. Opaque modules with float weights stay fp32 (fxopt does not guess what
 their forward does with a dtype).
 
-The pass's verification tolerance is ``rtol=3e-2, atol=1e-3, min_cosine=0.999`` so that
-one registration serves both dtypes (fp16 measures within rtol 1e-2 / cosine 0.999 on the
-zoo; bf16 within rtol 3e-2, its cosine stays above 0.9999 there).
+The pass is verified with the tolerance of its dtype, the same one ``lower(..., "onnx")``
+derives from a half graph (``fxopt.verify.graph_tolerance``): fp16 ``HALF_TOLERANCE``
+(``rtol=3e-2, atol=1e-3, min_cosine=0.999``; the zoo measures within rtol 1e-2), bf16
+``BF16_TOLERANCE`` (``rtol=1e-1, atol=1e-2, min_cosine=0.995``: three fewer mantissa bits).
+The export's ``aten._assert_tensor_metadata`` checks are retyped to the dtypes the pass
+chose (``fxopt.graph_utils.retype_metadata_asserts``).
 
 Example::
 
@@ -40,13 +43,15 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.errors import SpecError
+from fxopt.graph_utils import retype_metadata_asserts
 from fxopt.op_props import Prop
 from fxopt.ops import fetch_attr, has_prop, lookup, model_bytes, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.quant.select import matches
-from fxopt.verify import Tolerance
+from fxopt.verify import HALF, Tolerance
 
-HALF_TOLERANCE = Tolerance(rtol=3e-2, atol=1e-3, min_cosine=0.999)
+HALF_TOLERANCE = HALF[torch.float16]
+BF16_TOLERANCE = HALF[torch.bfloat16]
 DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
@@ -60,7 +65,12 @@ OVERFLOW_MARGIN = 4.0
 _HALF, _FP32 = "half", "fp32"
 
 
-@register_pass("half", Semantics.APPROXIMATE, tolerance=HALF_TOLERANCE)
+def _tolerance(params: dict) -> Tolerance:
+    """The verification tolerance of ``half(dtype=...)``: its dtype's."""
+    return HALF.get(DTYPES.get(params.get("dtype", "fp16")), HALF_TOLERANCE)
+
+
+@register_pass("half", Semantics.APPROXIMATE, tolerance=_tolerance)
 def half(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -111,6 +121,7 @@ def half(
     _convert_attrs(gm, precision, out_dtype, target)
     casts = _insert_casts(gm, precision, out_dtype, target, keep_io_types)
     removed = _remove_redundant_casts(gm, out_dtype)
+    retype_metadata_asserts(gm, out_dtype)
 
     gm.graph.lint()
     gm.recompile()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -216,6 +217,45 @@ def test_injected_mismatch_raises_and_leaves_no_file(zoo_case, tmp_path, monkeyp
     assert os.listdir(tmp_path) == []
 
 
+def _corrupting(clean, how: str):
+    """``onnx_export.clean`` followed by a real bug in one fp16 layer of the export: the
+    middle conv's kernel negated, or the classifier's weight 6% too large."""
+
+    def corrupt(model):
+        stats = clean(model)
+        values = [v for v in model.graph.initializers.values() if v.const_value is not None
+                  and v.const_value.dtype == onnx_backend.ir.DataType.FLOAT16]
+        ndim = 4 if how == "flip" else 2
+        layers = [v for v in values if v.const_value.numpy().ndim == ndim]
+        value = layers[len(layers) // 2] if how == "flip" else layers[-1]
+        factor = -1.0 if how == "flip" else 1.06
+        value.const_value = onnx_backend.ir.Tensor(
+            (value.const_value.numpy() * factor).astype(np.float16), name=value.name)
+        return stats
+
+    return corrupt
+
+
+@pytest.mark.parametrize("how", ["flip", "scale"])
+def test_a_wrong_fp16_export_is_refused(zoo_case, tmp_path, monkeypatch, how):
+    """fp16 graphs are verified with the half tolerance (fxopt.verify.graph_tolerance), not
+    the fp32 one; that tolerance still refuses one broken layer and writes nothing."""
+    from fxopt.verify import HALF_FP16
+
+    model, inputs, gm = zoo_case("resnet", "symbolic")
+    half = fxopt.optimize(gm, inputs, "default,half(dtype=fp16)").module
+    art = fxopt.lower(half, "onnx", inputs, path=tmp_path / "ok.onnx")
+    assert art.manifest["tolerance"] == {"rtol": HALF_FP16.rtol, "atol": HALF_FP16.atol,
+                                         "min_cosine": HALF_FP16.min_cosine}
+    monkeypatch.setattr(onnx_backend.onnx_export, "clean",
+                        _corrupting(onnx_backend.onnx_export.clean, how))
+    out = tmp_path / "new" / "m.onnx"
+    with pytest.raises(LoweringError, match="output 'output' differs by") as err:
+        fxopt.lower(half, "onnx", inputs, path=out, exporter="dynamo")
+    assert "allowed 0.001 + 0.03*scale" in str(err.value) and "not written" in str(err.value)
+    assert not (tmp_path / "new").exists()
+
+
 def test_replacing_an_existing_model_and_refusing_other_files(zoo_case, tmp_path):
     gm, inputs = _optimized(zoo_case, "mlp", "symbolic")
     path = tmp_path / "m.onnx"
@@ -318,3 +358,19 @@ def test_fxopt_exports_are_tensorrt_ready(zoo_case, tmp_path, name):
     unbounded = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "u.onnx")
     report = fxopt.check_trt(unbounded.path)
     assert report.ok and [f.code for f in report.findings] == ["unbounded-dynamic-dim"]
+
+
+def test_a_bf16_graph_without_cpu_kernels_names_the_kernel(zoo_case, tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Conv (ORT 1.2x-1.3x): a typed error that
+    names it and says what to do, and no file; once it has one, the export verifies."""
+    model, inputs, gm = zoo_case("resnet", "symbolic")
+    half = fxopt.optimize(gm, inputs, "default,half(dtype=bf16)").module
+    out = tmp_path / "new" / "m.onnx"
+    try:
+        art = fxopt.lower(half, "onnx", inputs, path=out, exporter="dynamo")
+    except LoweringError as e:
+        assert re.search(r"no bfloat16 kernel for Conv on CPUExecutionProvider: export with "
+                         r"half\(dtype=fp16\)", str(e)), str(e)
+        assert not (tmp_path / "new").exists()
+    else:
+        assert art.manifest["tolerance"]["rtol"] == 0.1
