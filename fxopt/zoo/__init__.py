@@ -11,7 +11,8 @@ statistics collected from a few seeded batches, so its outputs have a healthy ma
 neither ``build()`` nor ``make_inputs()`` touches the caller's global RNG.
 
 The models live in ``cnn.py``, ``transformers.py``, ``mlp.py`` and ``modern.py`` (helpers in
-``layers.py``); ``registry.py`` names them and makes their inputs. Everything is re-exported here, so ``fxopt.zoo.X`` works.
+``layers.py``); ``registry.py`` names them and makes their inputs. Everything is
+re-exported here, so ``fxopt.zoo.X`` works.
 
 Example:
     >>> from fxopt import zoo
