@@ -66,6 +66,8 @@ class Prop(enum.StrEnum):
     WEIGHT_QUANT = "weight_quant"  # static int8 quantizes its weight along with its input
     FOLD_INTO = "fold_into"  # a following batch norm / per-channel affine folds into its weights
     SPARSIFY = "sparsify"  # its weight (dim 1 = input channels) is zeroed by ``sparsify``
+    IDENTITY_IN_EVAL = "identity_in_eval"  # with training=False (or an eval module) it returns
+    # its input: remove_dropout bypasses it (dropout, stochastic depth, drop path)
 
 
 _PLUMBING = frozenset({Prop.PLUMBING})
@@ -82,7 +84,7 @@ CATEGORY_PROPS: dict[Category, frozenset[Prop]] = {
     Category.IDENTITY: _VIEW,
     Category.CONCAT: _PLUMBING,
     Category.SHAPE_QUERY: _PLUMBING,
-    Category.DROPOUT: _PLUMBING,
+    Category.DROPOUT: frozenset({Prop.PLUMBING, Prop.IDENTITY_IN_EVAL}),
     Category.CHECK: _PLUMBING,
 }
 

@@ -405,6 +405,19 @@ _op("dropout", "dropout",
     signature=("input", "p", "training", "inplace"),
     defaults={"p": 0.5, "training": True, "inplace": False}, attrs=("p",),
     effects=Effects.RANDOM)  # random in training; remove_dropout is what removes an eval one
+# Library helpers that symbolic_trace keeps as leaf calls (they are torch.fx.wrap-ped), named
+# so that the libraries need not be importable; the zoo's copies are named alongside.
+_op("stochastic_depth", "dropout",
+    qualnames=("torchvision.ops.stochastic_depth.stochastic_depth",
+               "fxopt.zoo.layers.stochastic_depth"),
+    signature=("input", "p", "mode", "training"), defaults={"training": True},
+    attrs=("p", "mode"), effects=Effects.RANDOM)
+_op("drop_path", "dropout",
+    qualnames=("timm.layers.drop.drop_path", "timm.models.layers.drop.drop_path",
+               "fxopt.zoo.layers.drop_path"),
+    signature=("input", "p", "training", "scale_by_keep"),
+    defaults={"p": 0.0, "training": False, "scale_by_keep": True}, attrs=("p",),
+    effects=Effects.RANDOM)
 _op("identity", "identity", modules=(nn.Identity,), aten=("alias",))
 # torch.export checks dtype/device after casts; a check has effects, so it is not pure
 _op("assert_metadata", "check", aten=("_assert_tensor_metadata",), effects=Effects.SIDE_EFFECT)

@@ -59,6 +59,9 @@ class OpDef:
     ``Effects.INPLACE`` by themselves, and ``Prop.MAY_ALIAS`` adds ``Effects.ALIAS``.
     ``aten_names``, ``transposed`` and ``applies`` let an ATen op with another argument order
     or weight layout be one more form of a kind: ``aten.addmm`` is a ``linear``.
+    ``qualnames`` matches ``call_function`` targets by ``module.qualname`` without importing
+    their library: the ``torch.fx.wrap``-ped helpers of torchvision or timm, say
+    ``"torchvision.ops.stochastic_depth.stochastic_depth"``.
     """
 
     kind: str
@@ -67,6 +70,7 @@ class OpDef:
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
     aten: tuple[str, ...] = ()
+    qualnames: tuple[str, ...] = ()
     signature: tuple[str, ...] = ("input",)
     defaults: dict[str, Any] = field(default_factory=dict)
     params: tuple[str, ...] = ()
@@ -115,6 +119,7 @@ _BY_MODULE: dict[type, OpDef] = {}
 _BY_FUNCTION: dict[Any, OpDef] = {}
 _BY_METHOD: dict[str, OpDef] = {}
 _BY_ATEN: dict[str, OpDef] = {}
+_BY_QUALNAME: dict[str, OpDef] = {}
 
 
 def register_op(entry: OpDef) -> OpDef:
@@ -133,6 +138,8 @@ def register_op(entry: OpDef) -> OpDef:
         _BY_METHOD[name] = entry
     for name in entry.aten:
         _BY_ATEN[name] = entry
+    for name in entry.qualnames:
+        _BY_QUALNAME[name] = entry
     return entry
 
 
@@ -148,7 +155,7 @@ def unregister_op(entry: OpDef) -> None:
         raise KeyError(f"op {entry.kind!r}: this entry is not registered")
     kept = [e for e in OP_TABLE if e is not entry]
     OP_TABLE.clear()
-    for index in (_BY_MODULE, _BY_FUNCTION, _BY_METHOD, _BY_ATEN):
+    for index in (_BY_MODULE, _BY_FUNCTION, _BY_METHOD, _BY_ATEN, _BY_QUALNAME):
         index.clear()
     for e in kept:
         register_op(e)
@@ -208,10 +215,22 @@ def _lookup(node: fx.Node) -> tuple[OpDef | None, str]:
                     return _BY_ATEN[k], "aten"
             return None, "aten"
         try:
-            return _BY_FUNCTION.get(node.target), "function"
+            found = _BY_FUNCTION.get(node.target)
         except TypeError:  # unhashable target
-            return None, "function"
+            found = None
+        return found or _BY_QUALNAME.get(qualname(node.target)), "function"
     return None, node.op
+
+
+def qualname(fn: Any) -> str:
+    """``module.qualname`` of a plain Python function (what ``OpDef.qualnames`` lists), or ""
+    for anything else.
+
+    >>> qualname(torch.nn.functional.relu)
+    'torch.nn.functional.relu'
+    """
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else ""
 
 
 def _owning_module(node: fx.Node) -> nn.Module:

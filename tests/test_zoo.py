@@ -31,6 +31,9 @@ def test_names_cover_the_families_and_keep_heavy_models_out_by_default() -> None
         "gqa",
         "mlp",
         "dynamic",
+        "efficientnet",
+        "convnext",
+        "swin",
     ]
     assert "resnet50" not in NAMES
     assert zoo.names(include_heavy=True) == [*NAMES, "resnet50"]

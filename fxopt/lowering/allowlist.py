@@ -3,8 +3,11 @@
 ``call_function`` targets are stored as qualified names ("torch.ops.aten.conv2d.default",
 "torch.nn.functional.relu", "_operator.add") and resolved only from an allowlist of
 namespaces (plus fxopt's own functions and custom ops), so a tampered ``graph.json`` cannot
-make the loader import or call anything else. ``call_method`` names and module/attribute
-paths are checked here too, since they end up in generated code.
+make the loader import or call anything else. A user may extend that list for one artifact
+with ``trusted`` module prefixes (``lower(..., trusted=["mylib.ops"])``): they are recorded in
+its manifest, and only while ``trusting(prefixes)`` is active are functions under them
+resolved, by importing only modules that fall under a declared prefix. ``call_method``
+names and module/attribute paths are checked here too, since they end up in generated code.
 
 Example:
     >>> resolve_target(target_name(torch.nn.functional.relu)) is torch.nn.functional.relu
@@ -14,11 +17,14 @@ Example:
 from __future__ import annotations
 
 import builtins
+import contextvars
 import importlib
 import math
 import operator
 import re
 import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -95,8 +101,9 @@ def target_name(fn: Any, where: str = "graph") -> str:
     except LoweringError as e:
         raise LoweringError(
             f"{e}. Loaded artifacts may only call torch, torch.ops, torch.nn.functional, "
-            "operator, math, builtins.getattr and fxopt functions: rewrite that call, or "
-            "capture with mode='export' so it becomes aten ops."
+            "operator, math, builtins.getattr and fxopt functions: rewrite that call, "
+            "capture with mode='export' so it becomes aten ops, or declare its module with "
+            "lower(..., trusted=['pkg.module'])."
         ) from None
     if not ok:
         raise LoweringError(f"{where}: {fn!r} is not reachable under its name {name}")
@@ -128,6 +135,8 @@ def resolve_target(name: str, where: str = "graph") -> Any:
     if name.startswith("fxopt."):
         return _resolve_fxopt(name, parts, where)
     namespace, attr = ".".join(parts[:-1]), parts[-1]
+    if namespace not in _NAMESPACES and _is_trusted(namespace):
+        return _resolve_trusted(name, parts, where)
     if namespace not in _NAMESPACES:
         raise LoweringError(f"{where}: target {name} is outside the allowed namespaces")
     if namespace == "torch" and attr.startswith("_") and attr not in _PRIVATE_TORCH_OK:
@@ -192,6 +201,95 @@ def _resolve_fxopt(name: str, parts: list[str], where: str) -> Any:
         if callable(obj):
             return obj
     raise LoweringError(f"{where}: {name} does not exist in this fxopt version")
+
+
+# --------------------------------------------------------------------------- trusted modules
+
+_TRUSTED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "fxopt_trusted", default=()
+)
+# modules whose functions reach the file system, processes, imports or arbitrary code: no
+# artifact may declare them (torch is covered by the allowlist above, with its denials)
+_NEVER_TRUSTED = set(
+    "builtins os posix nt sys subprocess importlib pickle marshal shutil socket ctypes runpy "
+    "code codeop io pathlib tempfile types inspect gc operator _operator functools torch "
+    "multiprocessing threading signal pty platform urllib http ftplib smtplib".split()
+)
+
+
+def check_trusted(prefixes: Any, where: str = "trusted") -> tuple[str, ...]:
+    """``prefixes`` as a tuple of dotted module names, refusing anything that is not one or
+    that would open the file system, processes or imports to an artifact.
+
+    >>> check_trusted(["mylib.ops"])
+    ('mylib.ops',)
+    >>> check_trusted(["os"])
+    Traceback (most recent call last):
+      ...
+    fxopt.errors.LoweringError: trusted: module 'os' can never be trusted by an artifact
+    """
+    if isinstance(prefixes, str) or not isinstance(prefixes, Sequence):
+        raise LoweringError(
+            f"{where}: expected a list of module names such as ['mylib.ops'], got {prefixes!r}"
+        )
+    out = []
+    for p in prefixes:
+        parts = p.split(".") if isinstance(p, str) else [""]
+        if any(not x.isidentifier() or x.startswith("__") for x in parts):
+            raise LoweringError(f"{where}: {p!r} is not a dotted module name like 'mylib.ops'")
+        if parts[0] in _NEVER_TRUSTED or p == "fxopt":
+            raise LoweringError(f"{where}: module {p!r} can never be trusted by an artifact")
+        out.append(p)
+    return tuple(dict.fromkeys(out))
+
+
+@contextmanager
+def trusting(prefixes: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    """Resolve functions under the module ``prefixes`` too, for the duration of the block.
+
+    >>> with trusting(["mylib.ops"]):
+    ...     pass
+    """
+    token = _TRUSTED.set(check_trusted(prefixes))
+    try:
+        yield _TRUSTED.get()
+    finally:
+        _TRUSTED.reset(token)
+
+
+def _is_trusted(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in _TRUSTED.get())
+
+
+def _resolve_trusted(name: str, parts: list[str], where: str) -> Any:
+    """Import the longest module of ``name`` under a declared prefix, then walk attributes;
+    a module outside every declared prefix is never imported."""
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if not _is_trusted(module):
+            break
+        try:
+            obj: Any = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            raise LoweringError(
+                f"{where}: trusted module {module} cannot be imported here ({e}); install it "
+                "or put it on sys.path before loading"
+            ) from e
+        try:
+            for p in parts[cut:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            break
+        if not callable(obj) or isinstance(obj, (type, types.ModuleType)):
+            raise LoweringError(f"{where}: trusted {name} is not a function")
+        if _canonical(obj) != name:
+            raise LoweringError(f"{where}: trusted {name} is an alias of {_canonical(obj)}")
+        return obj
+    raise LoweringError(
+        f"{where}: {name} does not exist under the trusted modules {list(_TRUSTED.get())}"
+    )
 
 
 # --------------------------------------------------------------------------- names

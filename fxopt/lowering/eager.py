@@ -4,6 +4,9 @@
 data), ``DIR/weights.safetensors`` and ``DIR/manifest.json`` (versions, shapes, pipeline,
 submodule constructors, tensor kinds and aliases). Call_module submodules are rebuilt
 from their class name and constructor kwargs, only from ``torch.nn`` and ``fxopt``.
+Calls to helper functions outside the allowlist (``torch.fx.wrap``-ped library code) are
+inlined by tracing through them (``fxopt.lowering.inline``); what cannot be inlined needs
+``trusted=["pkg.module"]``, recorded in the manifest: loading imports only those modules.
 
 Example::
 
@@ -33,6 +36,7 @@ from fxopt.lowering import (
     run_module,
     write_folder,
 )
+from fxopt.lowering.allowlist import check_trusted, trusting
 from fxopt.lowering.eager_rebuild import module_specs, rebuild_modules
 from fxopt.lowering.eager_storage import (
     FILES,
@@ -45,6 +49,7 @@ from fxopt.lowering.eager_storage import (
     write_files,
 )
 from fxopt.lowering.graph_json import graph_from_json, graph_to_json
+from fxopt.lowering.inline import inline_helpers
 from fxopt.lowering.input_guard import is_export_guard
 from fxopt.lowering.input_spec import check_inputs, read_spec
 from fxopt.lowering.versions import version_note
@@ -115,15 +120,23 @@ def _by_position(specs: list, inputs: tuple, kwargs: dict) -> tuple:
 
 
 def lower(
-    gm: fx.GraphModule, example_inputs: Any, path: str | os.PathLike | None = None, **options: Any
+    gm: fx.GraphModule,
+    example_inputs: Any,
+    path: str | os.PathLike | None = None,
+    trusted: list[str] | tuple[str, ...] = (),
+    **options: Any,
 ) -> EagerArtifact:
     """Write ``gm`` as an eager folder at ``path``, verified by loading it back.
+
+    Helper calls outside the allowlist are inlined; ``trusted`` module prefixes (recorded in
+    the manifest) may be called as they are when a helper cannot be inlined.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
     >>> art = lower(gm, (torch.ones(2),), "out/relu")  # doctest: +SKIP
     >>> art(-torch.ones(2))  # doctest: +SKIP
     tensor([0., 0.])
     """
+    trusted = check_trusted(trusted)
     if options:
         raise LoweringError(f"eager lowering takes no options, got {sorted(options)}")
     if path is None:
@@ -137,11 +150,17 @@ def lower(
     inputs = (example_inputs,) if single else tuple(example_inputs)
     dest = destination(path)
     check_replaceable(dest, FILES)  # before any work: refuse early, touch nothing
+    original, (gm, inlined) = gm, inline_helpers(gm, trusted)
     modules, leaves = module_specs(gm)
-    graph_doc = graph_to_json(gm)
+    with trusting(trusted):
+        graph_doc = graph_to_json(gm)
     tensors, to_save = tensor_specs(gm)
-    reference = run_module(_reference_module(gm, leaves), inputs, "the GraphModule")
+    reference = run_module(_reference_module(original, leaves), inputs, "the GraphModule")
     manifest = manifest_for(gm, inputs, reference, modules, tensors)
+    if trusted:
+        manifest["trusted"] = list(trusted)
+    if inlined:
+        manifest["inlined"] = inlined
 
     def write(tmp: Path) -> EagerArtifact:
         write_files(tmp, gm, graph_doc, to_save, manifest)
@@ -193,9 +212,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> E
     folder = Path(path)
     manifest, graph_doc, saved = read_files(folder)
     try:
+        trusted = check_trusted(manifest.get("trusted", []), "manifest 'trusted'")
         root = rebuild_modules(manifest["modules"])
         assign_tensors(root, manifest["tensors"], saved, device)
-        gm = graph_from_json(graph_doc, root)
+        with trusting(trusted):  # only the modules the manifest declares may be imported
+            gm = graph_from_json(graph_doc, root)
     except ArtifactVersionError:
         raise
     except LoweringError as e:

@@ -1,4 +1,4 @@
-"""Cleanup passes: dead code, dropout, identities and no-op arithmetic/casts.
+"""Cleanup passes: dead code, dropout (and stochastic depth), identities, no-op arithmetic.
 
 All are exact. ``cleanup`` runs the four to a fixed point. ``drop_unused_attributes``
 lives in fxopt/graph_utils.py and is importable from here as before.
@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.graph_utils import drop_unused_attributes, fresh_attr  # noqa: F401 - re-exported
-from fxopt.ops import effects, kind_of, op_of
+from fxopt.op_props import Prop
+from fxopt.ops import effects, has_prop, kind_of, op_of
 from fxopt.passes import builtin_rules  # noqa: F401  (registers the eliminate_noops pass)
 from fxopt.passes.base import REGISTRY, PassContext, PassResult, Semantics, register_pass
 
@@ -49,18 +50,19 @@ def _bypass(node: fx.Node, replacement: fx.Node) -> None:
 
 @register_pass("remove_dropout", Semantics.EXACT)
 def remove_dropout(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remove dropout ops that are inactive (eval-mode modules, ``training=False`` calls)."""
+    """Remove inactive ops that the op table declares ``Prop.IDENTITY_IN_EVAL`` (dropout,
+    stochastic depth, drop path): eval-mode modules, ``training=False`` calls, ``p == 0``."""
     removed, kept = 0, []
     for node in list(gm.graph.nodes):
         view = op_of(node) if node.op.startswith("call") else None
-        if view is None or view.kind != "dropout" or view.input is None:
+        if view is None or not has_prop(view, Prop.IDENTITY_IN_EVAL) or view.input is None:
             continue
         if view.module is not None:
             active = view.module.training
         else:
             active = bool(view.arg("training", view.arg("train", True))) and view.arg("p") != 0
         if active:
-            kept.append(node.name)
+            kept.append((node.name, view.kind))
             continue
         _bypass(node, view.input)
         removed += 1
@@ -68,7 +70,7 @@ def remove_dropout(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         drop_unused_attributes(gm)
     stats = {"removed": removed}
     if kept:
-        stats["kept"] = {n: "dropout is active (training=True): it is random" for n in kept}
+        stats["kept"] = {n: f"{k} is active (training=True): it is random" for n, k in kept}
     return PassResult(gm, modified=removed > 0, stats=stats)
 
 

@@ -2,15 +2,17 @@
 
 Each entry covers one architecture family users bring (residual CNN with batch norm,
 MobileNet-style depthwise/grouped conv with squeeze-excite, dense concat, channel shuffle,
-ConvTranspose decoder, transformer encoder, grouped-query attention, MLP, and a model with
-shape-dependent control flow that only ``torch.export`` captures).
+ConvTranspose decoder, transformer encoder, grouped-query attention, MLP, a model with
+shape-dependent control flow that only ``torch.export`` captures, and EfficientNet-,
+ConvNeXt- and Swin-style models that call ``torch.fx.wrap``-ped helpers as libraries do).
 
 Every ``build()`` returns a fresh model in ``eval()`` mode with seeded weights and batch-norm
 statistics collected from a few seeded batches, so its outputs have a healthy magnitude;
 neither ``build()`` nor ``make_inputs()`` touches the caller's global RNG.
 
-The models live in ``cnn.py``, ``transformers.py`` and ``mlp.py``; ``registry.py`` names
-them and makes their inputs. Everything is re-exported here, so ``fxopt.zoo.X`` works.
+The models live in ``cnn.py``, ``transformers.py``, ``mlp.py`` and ``modern.py`` (helpers in
+``layers.py``); ``registry.py`` names them and makes their inputs. Everything is
+re-exported here, so ``fxopt.zoo.X`` works.
 
 Example:
     >>> from fxopt import zoo
@@ -39,6 +41,7 @@ from fxopt.zoo.cnn import (
     channel_shuffle,
 )
 from fxopt.zoo.mlp import MLP
+from fxopt.zoo.modern import ConvNeXt, EfficientNet, MBConv, Swin
 from fxopt.zoo.registry import (  # the _private helpers are used by benchmarks and tests
     ZooModel,
     _calibrate_bn,  # noqa: F401
@@ -60,6 +63,10 @@ from fxopt.zoo.transformers import (
 
 __all__ = [
     "MLP",
+    "ConvNeXt",
+    "EfficientNet",
+    "MBConv",
+    "Swin",
     "BasicBlock",
     "Bottleneck",
     "Decoder",

@@ -20,6 +20,7 @@ from torch import nn
 from fxopt.errors import SpecError
 from fxopt.zoo.cnn import Decoder, DenseNet, DynamicNet, MobileNet, ResNet, ResNet50, ShuffleNet
 from fxopt.zoo.mlp import MLP
+from fxopt.zoo.modern import ConvNeXt, EfficientNet, Swin
 from fxopt.zoo.transformers import GQATransformer, Transformer
 
 
@@ -202,6 +203,27 @@ _MODELS: dict[str, ZooModel] = {
             DynamicNet,
             9,
             symbolic=False,
+        ),
+        _cnn(
+            "efficientnet",
+            "efficientnet-cnn",
+            "EfficientNet-style: MBConv, squeeze-excite with SiLU, stochastic depth (fx.wrap)",
+            EfficientNet,
+            11,
+        ),
+        ZooModel(
+            "convnext",
+            "convnext-cnn",
+            "ConvNeXt-style: 7x7 depthwise, LayerNorm over channels, layer scale, drop path",
+            _builder(ConvNeXt, 12),
+            _images(32, 1012),
+        ),
+        ZooModel(
+            "swin",
+            "swin-transformer",
+            "Swin-style: window attention, relative position bias (fx.wrap), torch.roll shift",
+            _builder(Swin, 13),
+            _images(32, 1013),
         ),
         ZooModel(
             "resnet50",

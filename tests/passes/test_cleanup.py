@@ -4,6 +4,7 @@ after it, graph.lint(), outputs against the original, and a case where it change
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import pytest
@@ -14,12 +15,14 @@ from torch import nn
 
 import fxopt
 from fxopt import PassManager, zoo
-from fxopt.ops import count_kinds, is_pure, kind_of
+from fxopt.op_props import Prop
+from fxopt.ops import count_kinds, is_pure, kind_of, kinds_with
 from fxopt.passes.base import REGISTRY, PassContext
 
 MODES = ("symbolic", "export")
 ZOO_CASES = [(n, m) for n in zoo.names() for m in MODES if m == "export" or zoo.get(n).symbolic]
 CLEANUPS = ("dce", "remove_dropout", "remove_identity", "eliminate_noops", "cleanup")
+EVAL_IDENTITIES = kinds_with(Prop.IDENTITY_IN_EVAL)  # dropout, stochastic_depth, drop_path
 
 
 def _kinds(gm: fx.GraphModule) -> Counter:
@@ -81,12 +84,12 @@ def test_cleanup_passes_on_the_zoo(zoo_graph, pass_name, fresh_inputs) -> None:
     removed = before - after
     assert not (after - before), f"{pass_name} added ops: {after - before}"
     if pass_name in ("remove_dropout", "cleanup"):
-        assert after["dropout"] == 0
+        assert all(after[k] == 0 for k in EVAL_IDENTITIES), after
     if pass_name in ("remove_identity", "cleanup"):
         assert after["identity"] == 0
     if pass_name == "remove_dropout":
-        assert removed == Counter({"dropout": before["dropout"]})
-        assert record.stats["removed"] == before["dropout"]
+        assert removed == Counter({k: before[k] for k in EVAL_IDENTITIES if before[k]})
+        assert record.stats["removed"] == sum(before[k] for k in EVAL_IDENTITIES)
     if pass_name == "remove_identity":
         assert removed == Counter({"identity": before["identity"]})
     if pass_name == "eliminate_noops":
@@ -295,6 +298,86 @@ def test_remove_dropout_keeps_a_dropout_module_switched_to_training() -> None:
     res = _call("remove_dropout", gm, (x,))
     assert res.modified is False
     assert _kinds(gm)["dropout"] == 1 and "kept" in res.stats
+
+
+# --------------------------------------------------------------- stochastic depth / drop path
+def _library_helpers():
+    """Helpers with the qualified names of torchvision's and timm's, defined without
+    importing either library: the op table matches them by name."""
+    from fxopt.zoo import layers
+
+    def stochastic_depth(input, p, mode, training=True):
+        return layers.stochastic_depth(input, p, mode, training)
+
+    def drop_path(x, drop_prob=0.0, training=False, scale_by_keep=True):
+        return layers.drop_path(x, drop_prob, training, scale_by_keep)
+
+    stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+    stochastic_depth.__qualname__ = "stochastic_depth"
+    drop_path.__module__, drop_path.__qualname__ = "timm.layers.drop", "drop_path"
+    return stochastic_depth, drop_path
+
+
+def _leaf_calls(fns, train: bool) -> fx.GraphModule:
+    """A graph calling ``fns`` as leaf call_function nodes, as symbolic_trace keeps them."""
+    sd, dp = fns
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    h = graph.call_function(torch.relu, (x,))
+    h = graph.call_function(sd, (h, 0.2, "row", train))
+    h = graph.call_function(operator.add, (h, x))
+    h = graph.call_function(dp, (h, 0.1, train))
+    h = graph.call_function(dp, (h,))  # timm's defaults: p=0, training=False
+    graph.output(graph.call_function(operator.add, (h, x)))
+    return fx.GraphModule(nn.Module(), graph)
+
+
+def test_remove_dropout_removes_library_stochastic_depth_and_drop_path_by_name() -> None:
+    gm = _leaf_calls(_library_helpers(), train=False)
+    assert [kind_of(n) for n in gm.graph.nodes if n.op == "call_function"] == [
+        "relu", "stochastic_depth", "add", "drop_path", "drop_path", "add"
+    ]
+    x = torch.randn(3, 5)
+    want = gm(x)
+    gm, record = _run_pass("remove_dropout", gm, (x,))
+    assert record.stats == {"removed": 3}
+    assert _kinds(gm) == Counter({"relu": 1, "add": 2})
+    gm.graph.lint()
+    _close(want, gm(x))
+    assert not _run_pass("remove_dropout", gm, (x,))[1].modified
+
+
+def test_remove_dropout_keeps_training_stochastic_depth_and_says_so() -> None:
+    gm = _leaf_calls(_library_helpers(), train=True)
+    res = _call("remove_dropout", gm, (torch.randn(3, 5),))
+    gm.graph.lint()
+    assert res.stats["removed"] == 1  # only the drop_path with timm's defaults (p=0)
+    assert sorted(res.stats["kept"].values()) == [
+        "drop_path is active (training=True): it is random",
+        "stochastic_depth is active (training=True): it is random",
+    ]
+    assert _kinds(gm)["stochastic_depth"] == 1 and _kinds(gm)["drop_path"] == 1
+
+
+@pytest.mark.parametrize("name", ["efficientnet", "convnext", "swin"])
+def test_cleanup_removes_the_zoo_stochastic_depth_in_eval(name, zoo_case) -> None:
+    model, inputs, gm = zoo_case(name, "symbolic")
+    before = _kinds(gm)
+    helpers = sum(before[k] for k in ("stochastic_depth", "drop_path"))
+    assert helpers >= 2
+    gm, record = _run_pass("cleanup", gm, inputs)
+    assert record.stats["removed"]["remove_dropout"] == helpers + before["dropout"]
+    assert not any(_kinds(gm)[k] for k in EVAL_IDENTITIES)
+    with torch.no_grad():
+        _close(model(*inputs), gm(*inputs))
+
+
+def test_stochastic_depth_in_training_is_kept_by_cleanup() -> None:
+    model = zoo.get("efficientnet").build().train()
+    gm = fx.symbolic_trace(model)
+    res = _call("cleanup", gm, zoo.get("efficientnet").example_inputs())
+    assert _kinds(res.gm)["stochastic_depth"] == 2
+    assert _kinds(res.gm)["dropout"] == 1
 
 
 # --------------------------------------------------------------------------- remove_identity
