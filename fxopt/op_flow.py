@@ -445,6 +445,13 @@ def index(view) -> Flow:
     if target is operator.getitem:
         idx = view.node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
+    elif not isinstance(view.node.args[1] if len(view.node.args) > 1 else 0, int):
+        # aten.index.Tensor(x, [tensors]): a gather whose result axes are not x's axes
+        for k in range(len(sx)):
+            flow.block((x, k), f"{view.node.name} gathers by a tensor index")
+        for k in range(len(so)):
+            flow.block((out, k), f"{view.node.name} gathers by a tensor index")
+        return flow
     else:
         name = str(target)
         dim = _pos(view.node.args[1] if len(view.node.args) > 1 else 0, len(sx))
