@@ -42,6 +42,9 @@ HALF_CHECK = {
 # bf16 in ONNX Runtime: its CPU provider has no bfloat16 Conv, MatMul or Add kernels; one
 # CNN and one text model say so (a skip naming the kernel) or, once it has them, verify
 BF16_ONNX = ["convnext", "bert"]
+# static int8: batches of 4 random images; 4 batches left ResNet's and RegNet's fresh-input
+# cosine under 0.99 (ranges from 16 images do not cover unseen offsets), 16 reach it
+CALIBRATION_BATCHES = 16
 
 # ---------------------------------------------------------------------------- known failures
 _MOBILENET_HALF = (
@@ -66,27 +69,23 @@ XFAIL: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
                  "inputs at batch 3: \"output 'last_hidden_state' differs by 0.187 (scale 6, "
                  "allowed 0.001 + 0.03*scale, cosine 0.999705)\" (HALF_FP16; 0.031 of the "
                  "scale against 0.03)"), fxopt.LoweringError),
-    ("resnet", "int8"): (_INT8_CNN.format(
-        ort="cosine 0.9922, above fxopt",
-        observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "
-                 "[0.98729...]\" on fresh inputs (fxopt's own check passes on the example "
-                 "inputs)"), AssertionError),
     ("mobilenet-v2", "int8"): (_INT8_CNN.format(
-        ort="cosine 0.899, above fxopt",
-        observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs: max "
-                 "abs error 5.13 (relative 0.855, cosine 0.825961) exceeds the approximate "
-                 "tolerance\"; the error grows block by block over the 16 inverted "
-                 "residuals, no single layer breaks"), fxopt.PassError),
-    ("regnet", "int8"): (_INT8_CNN.format(
-        ort="cosine 0.9784, below fxopt",
-        observed="\"AssertionError: int8 in ONNX Runtime vs float: output cosines "
-                 "[0.98944...]\" on fresh inputs (fxopt's own check passes on the example "
-                 "inputs)"), AssertionError),
+        ort="cosine 0.929 on the example inputs and 0.737 on fresh ones; fxopt 0.893 and "
+            "0.749 in its own simulation",
+        observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs ...\"; "
+                 "the float model alone loses to cosine 0.941 when only its input gets "
+                 "half an 8-bit step of noise, and the error grows block by block over the "
+                 "16 inverted residuals, no single quantizer breaks it (64 calibration "
+                 "batches: 0.912 / 0.719; percentile, entropy, mse observers: no better)"),
+        fxopt.PassError),
     ("efficientnet", "int8"): (_INT8_CNN.format(
-        ort="cosine 0.9645 on last_hidden_state, above fxopt",
-        observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs: max "
-                 "abs error 0.441 (relative 0.191, cosine 0.957821) exceeds the approximate "
-                 "tolerance\""), fxopt.PassError),
+        ort="cosine 0.954 / 0.923 on last_hidden_state and 0.0 on pooler_output; fxopt "
+            "0.935 / 0.949 and 0.934 / 0.949",
+        observed="\"PassError: pass quantize(scheme=int8) changed the model's outputs ...\"; "
+                 "per-layer attribution: quantizing one activation alone (the input of a "
+                 "squeeze-excite project conv, mul_3, or conv2d_16's output) costs 0.19 of "
+                 "cosine each, more calibration batches do not converge (64: 0.880 / 0.954)"),
+        fxopt.PassError),
 }
 
 
@@ -252,7 +251,7 @@ def test_onnx_dynamic_batch_in_onnx_runtime(name, cases, tmp_path):
 @pytest.mark.parametrize("name", _params(CNNS, "int8"))
 def test_static_int8_cnn_in_onnx_runtime(name, cases, tmp_path):
     case = cases(name)
-    calibration = [case.arch.make_inputs(4, seed=10 + i) for i in range(4)]
+    calibration = [case.arch.make_inputs(4, seed=10 + i) for i in range(CALIBRATION_BATCHES)]
     res = case.optimized("default,quantize(scheme=int8)", calibration=calibration)
     path = tmp_path / f"{name}-int8.onnx"
     fxopt.lower(res.module, "onnx", case.inputs, path=path)
