@@ -303,7 +303,7 @@ class SplitAxisBeforeTranspose(onnxscript_rewriter.RewriteRuleClassBase):
         result = onnxscript_rewriter.MatchResult()
         t = _int_array(shape)
         perm = y.producer().attributes.get_ints("perm", None)
-        if t is None or perm is None or y.shape is None or len(y.uses()) != 1:
+        if t is None or perm is None or None in (x.shape, y.shape) or len(y.uses()) != 1:
             return result.fail("Target, perm or shape unknown, or the transpose is shared.")
         ys, t = list(y.shape), [int(d) for d in t]
         if len(t) != len(ys) + 1 or any(d == 0 or d < -1 for d in t):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -162,6 +163,83 @@ def test_batch_of_one_still_exports_a_dynamic_batch(zoo_model, tmp_path):
     art = fxopt.lower(gm, "onnx", (x[:1],), path=tmp_path / "m.onnx")
     assert _input_dims(art.path)[0][0] == "batch"
     y = torch.randn(4, *x.shape[1:])
+    with torch.no_grad():
+        assert compare_outputs(gm(y), art(y)).ok()
+
+
+# shape arithmetic a dynamic batch may add to a graph whose other dimensions are fixed
+SHAPE_OPS = {"Shape", "Slice", "Concat", "Gather", "Trilu", "Equal", "Where", "ConstantOfShape",
+             "Expand", "Range", "Unsqueeze", "Squeeze", "Cast"}
+
+
+def _op_counts(path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(Counter(n.op_type for n in graph.node))
+
+
+@pytest.mark.parametrize("name", ["transformer", "gqa"])
+def test_dynamic_batch_adds_no_shape_arithmetic(zoo_case, fresh_inputs, tmp_path, name):
+    gm, inputs = _optimized(zoo_case, name, "export")
+    fixed = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "f.onnx", dynamic=False)
+    dynamic = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "d.onnx")
+    assert _input_dims(dynamic.path)[0][0] == "batch"
+    counts, reference = _op_counts(dynamic.path), _op_counts(fixed.path)
+    extra = {op: n - reference.get(op, 0) for op, n in counts.items()
+             if op in SHAPE_OPS and n > reference.get(op, 0)}
+    assert extra == {}, f"the dynamic batch computes shapes at run time: {extra}"
+    assert counts == reference  # the same graph, only the batch dimension symbolic
+    assert dynamic.manifest["clean"]["dynamic_reshapes"] == 0
+    # the causal mask (gqa) is a constant, not rebuilt from Shape -> Trilu per call
+    assert "Trilu" not in counts
+    one, four = fresh_inputs(inputs, batch=1), fresh_inputs(inputs, batch=4)
+    with torch.no_grad():
+        for x in (one, four):
+            assert compare_outputs(gm(*x), dynamic(*x)).ok()
+        rows = tuple(torch.cat([a, b]) for a, b in zip(one, four))  # one's row first
+        assert np.allclose(dynamic(*rows).numpy()[:1], dynamic(*one).numpy(), atol=1e-5)
+
+
+def test_dynamic_sequence_keeps_its_shape_arithmetic_and_stays_exact(zoo_case, fresh_inputs,
+                                                                     tmp_path):
+    # batch and sequence both dynamic: two symbolic dims per reshape, nothing may be fixed
+    gm, inputs = _optimized(zoo_case, "gqa", "export")
+    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", exporter="dynamo",
+                      dynamic_dims={0: {1: "seq"}})
+    assert "Trilu" in _op_counts(art.path)  # the mask follows the sequence length
+    assert art.manifest["clean"]["dynamic_reshapes"] > 0
+    x = torch.randn(3, inputs[0].shape[1] + 5, inputs[0].shape[2])
+    with torch.no_grad():
+        assert compare_outputs(gm(x), art(x)).ok()
+
+
+class WideHeads(nn.Module):
+    """(batch, 8, 1024) -> a head split (reshape with the batch dynamic) -> (batch, 8, 1024)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1024, 1024)
+
+    def forward(self, x):
+        h = self.fc(x).reshape(x.shape[0], -1, 4, 256).transpose(1, 2)
+        return h.softmax(-1).transpose(1, 2).reshape(x.shape[0], -1, 1024)
+
+
+def test_shape_inference_never_serializes_the_weights(tmp_path, monkeypatch):
+    sizes: list[int] = []
+    infer = onnx.shape_inference.infer_shapes
+
+    def small_only(proto, *args, **kwargs):  # every whole-model inference call passes here
+        sizes.append(proto.ByteSize())
+        assert proto.ByteSize() < 2**20, "the weights were serialized for shape inference"
+        return infer(proto, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", small_only)
+    gm = fx.symbolic_trace(WideHeads())  # 4 MiB of weights
+    x = torch.randn(2, 8, 1024)
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx")
+    assert sizes, "shape inference with data propagation did not run"
+    assert art.manifest["clean"]["dynamic_reshapes"] == 0
+    y = torch.randn(5, 8, 1024)
     with torch.no_grad():
         assert compare_outputs(gm(y), art(y)).ok()
 
