@@ -61,16 +61,28 @@ def discover(folder: Path = HERE) -> list[Script]:
 
 
 def _sections(tree: ast.Module) -> tuple[str, ...]:
-    """Names passed as string literals to ``write_section`` / ``publish`` in the script."""
+    """Names passed to ``write_section`` / ``publish`` in the script: string literals, or
+    module-level string constants (``SECTION = "dynamic-batch"``)."""
+    constants = {
+        target.id: node.value.value
+        for node in tree.body if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        for target in node.targets if isinstance(target, ast.Name)
+    }
     names = []
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and node.args):
             continue
         func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
         first = node.args[0]
-        if func in _WRITERS and isinstance(first, ast.Constant) and isinstance(first.value, str):
-            if first.value not in names:
-                names.append(first.value)
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            name = first.value
+        elif isinstance(first, ast.Name):
+            name = constants.get(first.id)
+        else:
+            name = None
+        if func in _WRITERS and name is not None and name not in names:
+            names.append(name)
     return tuple(names)
 
 
