@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fxopt.errors import FxoptError, SpecError
+from fxopt.passes.prune.report import prune_table
 from fxopt.passes.sparsify import sparsity_table
 
 # fxopt.lowering.onnx.DEFAULT_OPSET, restated so --help does not import ONNX Runtime
@@ -240,6 +241,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     for record in res.report:
         if record.name == "sparsify" and record.modified:
             print(sparsity_table(record.stats))
+        if record.name == "prune" and record.modified:
+            print(prune_table(record.stats))
     _progress(f"lowering to {args.target}")
     options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
                if v is not None}
