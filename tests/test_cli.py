@@ -282,3 +282,25 @@ def test_bad_calibration_spec_names_the_flag():
         load_calibration("nowhere/data.py:f", (torch.randn(1, 64),))
     with pytest.raises(SpecError, match="--calibration-data no_such_pkg.data:f: cannot import"):
         load_calibration("no_such_pkg.data:f", (torch.randn(1, 64),))
+
+
+def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "resnet", "--pipeline", "default,prune(macs=0.5)",
+                         "-o", str(tmp_path / "m"), "--report-json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    record = next(r for r in json.loads((tmp_path / "r.json").read_text())
+                  if r["name"] == "prune")
+    report = record["stats"]["report"]
+    assert "achieved: params" in out and "MACs" in out
+    for row in report["layers"]:  # every layer's before -> after figures are printed
+        line = next(ln for ln in out.splitlines() if ln.startswith(row["layer"] + " "))
+        assert f"{row['params_before']} -> {row['params_after']}" in line
+        assert f"{row['macs_before']} -> {row['macs_after']}" in line
+    assert abs(report["achieved"]["macs"] - 0.5) <= 0.03
+    # the "before" of the table is the graph the default pipeline handed to prune
+    model, inputs, _ = load_spec("resnet")
+    cleaned = fxopt.optimize(model, inputs, "default").module
+    assert report["totals"]["macs_before"] == fxopt.inspect(cleaned).macs
+    written = fxopt.inspect(fxopt.load(tmp_path / "m").module, inputs)  # the artifact
+    assert (report["totals"]["params_after"], report["totals"]["macs_after"]) == \
+        (written.params, written.macs)
