@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from png_check import assert_png  # tests/png_check.py
 
 import fxopt
 from fxopt.cli import load_spec, main, parse_input_shape
@@ -286,8 +287,11 @@ def test_bad_calibration_spec_names_the_flag():
 
 def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
     code, out, err = run(capsys, "optimize", "resnet", "--pipeline", "default,prune(macs=0.5)",
-                         "-o", str(tmp_path / "m"), "--report-json", str(tmp_path / "r.json"))
+                         "-o", str(tmp_path / "m"), "--report-json", str(tmp_path / "r.json"),
+                         "--prune-plot", str(tmp_path / "kept.png"))
     assert code == 0, err
+    assert_png(tmp_path / "kept.png")
+    assert f"wrote kept-channels chart to {tmp_path / 'kept.png'}" in out
     record = next(r for r in json.loads((tmp_path / "r.json").read_text())
                   if r["name"] == "prune")
     report = record["stats"]["report"]
@@ -304,3 +308,15 @@ def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
     written = fxopt.inspect(fxopt.load(tmp_path / "m").module, inputs)  # the artifact
     assert (report["totals"]["params_after"], report["totals"]["macs_after"]) == \
         (written.params, written.macs)
+
+
+@pytest.mark.parametrize(("pipeline", "plot", "needle"), [
+    ("default", "kept.png", "needs a prune pass"),
+    ("prune(ratio=0.5)", "kept.svg", "give a .png path"),
+    ("prune(ratio=0.5)", "nowhere/kept.png", "give a .png path"),
+])
+def test_prune_plot_mistakes_fail_before_any_work(capsys, tmp_path, pipeline, plot, needle):
+    code, _, err = run(capsys, "optimize", "resnet", "--pipeline", pipeline, "-o",
+                       str(tmp_path / "m"), "--prune-plot", str(tmp_path / plot))
+    assert code == 2 and needle in err
+    assert list(tmp_path.iterdir()) == []  # no artifact, no chart

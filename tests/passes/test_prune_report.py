@@ -5,16 +5,13 @@ match the plan, and the bar chart is a real PNG written atomically."""
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 
 import pytest
+from png_check import assert_png  # tests/png_check.py
 
 import fxopt
 from fxopt import PassError, zoo
 from fxopt.passes.prune.report import layer_counts
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _per_layer(gm):
@@ -26,24 +23,6 @@ def _per_layer(gm):
             p, m = out.get(key, (0, 0))
             out[key] = (p + r.params, m + r.macs)
     return out
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    # every chunk's CRC checks out and the file ends with IEND: a whole, valid PNG
-    pos, kinds = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert zlib.crc32(kind + body) == crc
-        kinds.append(kind)
-        pos += 12 + length
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
-    width, height = struct.unpack(">II", data[16:24])
-    assert width > 100 and height > 100
 
 
 @pytest.mark.parametrize(("name", "mode"), [("resnet", "symbolic"), ("transformer", "symbolic"),
