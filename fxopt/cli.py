@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fxopt.errors import FxoptError, SpecError
+from fxopt.passes.prune.report import plot_kept, prune_table
 from fxopt.passes.sparsify import sparsity_table
 
 # fxopt.lowering.onnx.DEFAULT_OPSET, restated so --help does not import ONNX Runtime
@@ -221,7 +222,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     import fxopt
     from fxopt.pipeline import parse_pipeline
 
-    parse_pipeline(args.pipeline)  # a bad spec fails before any capture work
+    passes = parse_pipeline(args.pipeline)  # a bad spec fails before any capture work
+    if args.prune_plot:
+        if not any(p.name == "prune" for p in passes):
+            raise SpecError(f"--prune-plot needs a prune pass in --pipeline (got "
+                            f"{args.pipeline!r}), e.g. --pipeline 'default,prune(macs=0.5)'")
+        plot = Path(args.prune_plot)
+        if plot.suffix.lower() != ".png" or not plot.parent.is_dir():
+            raise SpecError(f"--prune-plot {args.prune_plot!r}: give a .png path in an "
+                            "existing folder")
     model, inputs, name = load_spec(args.spec, args.input_shape)
     _progress(f"capturing {name} ({args.mode})")
     if args.calibration_data:
@@ -240,6 +249,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     for record in res.report:
         if record.name == "sparsify" and record.modified:
             print(sparsity_table(record.stats))
+        if record.name == "prune" and record.modified:
+            print(prune_table(record.stats))
+            if args.prune_plot:
+                print(f"wrote kept-channels chart to {plot_kept(record.stats, args.prune_plot)}")
     _progress(f"lowering to {args.target}")
     options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
                if v is not None}
@@ -381,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "all); without it, the example and N-1 random batches like it "
                         "(default 8)")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
+    p.add_argument("--prune-plot", metavar="FILE.png",
+                   help="write a bar chart of the channels each pruned layer keeps (needs a "
+                        "prune pass in --pipeline and matplotlib)")
     p.set_defaults(fn=cmd_optimize)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser will reject "

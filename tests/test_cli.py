@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from png_check import assert_png  # tests/png_check.py
 
 import fxopt
 from fxopt.cli import load_spec, main, parse_input_shape
@@ -282,3 +283,40 @@ def test_bad_calibration_spec_names_the_flag():
         load_calibration("nowhere/data.py:f", (torch.randn(1, 64),))
     with pytest.raises(SpecError, match="--calibration-data no_such_pkg.data:f: cannot import"):
         load_calibration("no_such_pkg.data:f", (torch.randn(1, 64),))
+
+
+def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "resnet", "--pipeline", "default,prune(macs=0.5)",
+                         "-o", str(tmp_path / "m"), "--report-json", str(tmp_path / "r.json"),
+                         "--prune-plot", str(tmp_path / "kept.png"))
+    assert code == 0, err
+    assert_png(tmp_path / "kept.png")
+    assert f"wrote kept-channels chart to {tmp_path / 'kept.png'}" in out
+    record = next(r for r in json.loads((tmp_path / "r.json").read_text())
+                  if r["name"] == "prune")
+    report = record["stats"]["report"]
+    assert "achieved: params" in out and "MACs" in out
+    for row in report["layers"]:  # every layer's before -> after figures are printed
+        line = next(ln for ln in out.splitlines() if ln.startswith(row["layer"] + " "))
+        assert f"{row['params_before']} -> {row['params_after']}" in line
+        assert f"{row['macs_before']} -> {row['macs_after']}" in line
+    assert abs(report["achieved"]["macs"] - 0.5) <= 0.03
+    # the "before" of the table is the graph the default pipeline handed to prune
+    model, inputs, _ = load_spec("resnet")
+    cleaned = fxopt.optimize(model, inputs, "default").module
+    assert report["totals"]["macs_before"] == fxopt.inspect(cleaned).macs
+    written = fxopt.inspect(fxopt.load(tmp_path / "m").module, inputs)  # the artifact
+    assert (report["totals"]["params_after"], report["totals"]["macs_after"]) == \
+        (written.params, written.macs)
+
+
+@pytest.mark.parametrize(("pipeline", "plot", "needle"), [
+    ("default", "kept.png", "needs a prune pass"),
+    ("prune(ratio=0.5)", "kept.svg", "give a .png path"),
+    ("prune(ratio=0.5)", "nowhere/kept.png", "give a .png path"),
+])
+def test_prune_plot_mistakes_fail_before_any_work(capsys, tmp_path, pipeline, plot, needle):
+    code, _, err = run(capsys, "optimize", "resnet", "--pipeline", pipeline, "-o",
+                       str(tmp_path / "m"), "--prune-plot", str(tmp_path / plot))
+    assert code == 2 and needle in err
+    assert list(tmp_path.iterdir()) == []  # no artifact, no chart

@@ -15,9 +15,10 @@ import time
 from fxopt.errors import PassError
 from fxopt.graph_utils import annotate
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
-from fxopt.passes.prune.groups import groups
+from fxopt.passes.prune.groups import groups, param_key
 from fxopt.passes.prune.plan import load_plan, replay, search_ratio
-from fxopt.passes.prune.shrink import score, select, shrink
+from fxopt.passes.prune.report import layer_counts, layer_report, totals
+from fxopt.passes.prune.shrink import score, select, shrink, tensor_of
 from fxopt.passes.prune.twin import check_twin, zero_consumers
 
 
@@ -90,13 +91,46 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     if not any(len(r) for r in removed):
         return PassResult(gm, False, stats | {"plan": []})
     copied = time.perf_counter()
-    twin = copy.deepcopy(gm)  # verification, not counted in ``seconds``
+    twin = copy.deepcopy(gm)  # verification and the report, not counted in ``seconds``
+    layers_before, totals_before = layer_counts(gm), totals(gm)
+    widths = _producer_widths(gm, chosen)
     start += time.perf_counter() - copied
     done = shrink(gm, chosen, removed)
     seconds = time.perf_counter() - start
     zero_consumers(twin, done, key="attr")
     error = check_twin(gm, twin, tuple(ctx.example_inputs))
-    stats |= {"plan": done, "twin_error": error, "seconds": seconds,
+    annotate(gm, tuple(ctx.example_inputs))  # shapes after the shrink, for the MACs
+    report = layer_report(layers_before, layer_counts(gm), _kept(widths, done), totals_before,
+                          totals(gm))
+    stats |= {"plan": done, "twin_error": error, "seconds": seconds, "report": report,
               "units_removed": sum(len(r) for r in removed),
               "units_in_pruned_groups": sum(p["units"] for p in done)}
     return PassResult(gm, True, stats)
+
+
+def _producer_widths(gm, chosen) -> dict[tuple[str, int], int]:
+    """Size of every producer tensor's channel dim before the shrink, by (state_dict key,
+    dim)."""
+    out = {}
+    for g in chosen:
+        for p in g.params:
+            t = tensor_of(gm, p) if p.role == "producer" else None
+            if t is not None:
+                out.setdefault((param_key(p), p.dim), int(t.shape[p.dim]))
+    return out
+
+
+def _kept(widths: dict[tuple[str, int], int], plan: list[dict]) -> dict[str, tuple[int, int]]:
+    """(channels before, channels kept) per layer whose output channels were pruned: the
+    producer weight's dim (its bias gives the same numbers)."""
+    out: dict[str, tuple[int, int]] = {}
+    for entry in plan:
+        for m in entry["members"]:
+            width = widths.get((m["param"], m["dim"]))
+            if m["role"] != "producer" or width is None:
+                continue
+            layer = m["param"].rpartition(".")[0] or m["param"]
+            before, kept = out.get(layer, (0, 0))
+            if not before or m["param"].endswith("weight"):
+                out[layer] = (width, width - len(m["indices"]))
+    return out
