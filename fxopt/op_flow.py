@@ -9,6 +9,9 @@ them. A rule reads the op through its ``OpView`` and returns a ``Flow``:
 * ``params``: ``Param(view, name, dim, role, (tensor, axis))``: a weight whose ``dim`` runs
   along that tensor axis (``producer`` rows, ``consumer`` columns, ``passthrough``);
 * ``blocks``: ``(tensor, axis) -> reason``: axes that must keep every channel.
+* ``inexact``: ``(tensor, axis) -> reason``: axes that shape-wise can lose channels but not
+  exactly (the statistics of a LayerNorm / RMSNorm mean over them): blocked unless the
+  user asks for it (``prune(hidden=True)``), and then reported as not exact.
 
 An axis of an op's input or output that its rule neither links nor blocks is blocked by
 ``fxopt.passes.prune`` with the op's name: an op without a rule never passes channels on.
@@ -57,12 +60,16 @@ class Flow:
     params: list[Param] = field(default_factory=list)
     blocks: dict[Axis, str] = field(default_factory=dict)
     handled: set[Axis] = field(default_factory=set)  # axes neither linked nor blocked, on purpose
+    inexact: dict[Axis, str] = field(default_factory=dict)  # prunable only approximately
 
     def link(self, a: Axis, b: Axis, pairs: np.ndarray | None = None) -> None:
         self.links.append(Link(a, b, pairs))
 
     def block(self, ax: Axis, reason: str) -> None:
         self.blocks.setdefault(ax, reason)
+
+    def approximate(self, ax: Axis, reason: str) -> None:
+        self.inexact.setdefault(ax, reason)
 
 
 def shape(node: Any) -> tuple[int, ...] | None:
@@ -179,19 +186,35 @@ def batch_norm(view) -> Flow:
 
 
 def normalized_last(view) -> Flow:
-    """LayerNorm / RMSNorm: statistics over the normalized axes; other axes pass through."""
+    """LayerNorm / RMSNorm: statistics over the normalized axes; other axes pass through.
+
+    A single normalized axis (the hidden width) carries its channels, with the affine
+    ``weight`` / ``bias`` as passthrough members, but only approximately: removing a
+    channel changes the mean and variance (``Flow.inexact``). Several normalized axes
+    block."""
     flow = same_index(view)
     so = shape(view.node)
     if so is None:
         return flow
     ns = view.attrs.get("normalized_shape", (so[-1],))
     ns = (ns,) if isinstance(ns, int) else tuple(ns)
+    tensors = [view.node, *[x for x in _tensor_args(view) if len(shape(x)) == len(so)]]
     for k in range(len(so) - len(ns), len(so)):
         reason = (f"{view.kind} {view.node.name} normalizes over axis {k}: "
-                  "pruning it changes the statistics (not exact)")
-        for a in [view.node, *[x for x in _tensor_args(view) if len(shape(x)) == len(so)]]:
-            flow.block((a, k), reason)
+                  "pruning it changes the statistics (not exact; prune(hidden=True) allows it)")
+        for a in tensors:
+            if len(ns) == 1:
+                flow.approximate((a, k), reason)
+            else:
+                flow.block((a, k), reason)
+    if len(ns) == 1:
+        for name, p in view.params.items():
+            if p is not None and p.dim() == 1:
+                flow.params.append(Param(view, name, 0, "passthrough", (view.node, len(so) - 1)))
     return flow
+
+
+_STATISTICS = ("mean", "var", "std")  # reductions a norm reads: shape-safe to prune under
 
 
 def over_dim(view) -> Flow:
@@ -208,9 +231,15 @@ def over_dim(view) -> Flow:
     dims = {_pos(d, len(sx)) for d in dims}
     keep = len(so) == len(sx)
     j = 0
+    statistic = view.kind in _STATISTICS and len(dims) == 1
     for k in range(len(sx)):
         if k in dims:
-            flow.block((x, k), f"{view.kind} {view.node.name} mixes values along axis {k}")
+            why = f"{view.kind} {view.node.name} mixes values along axis {k}"
+            if statistic:  # an RMSNorm written out: x.pow(2).mean(-1, keepdim=True)
+                flow.approximate((x, k), why + " (a statistic: prune(hidden=True) allows it, "
+                                 "not exact)")
+            else:
+                flow.block((x, k), why)
             if keep:
                 flow.handled.add((out, j))
                 j += 1

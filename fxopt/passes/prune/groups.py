@@ -51,6 +51,12 @@ class Group:
     # unit (channel class) of each (axis, index): axis -> int array of unit labels
     units: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
     n_units: int = 0
+    # why pruning it is not exact (a LayerNorm / RMSNorm over it); only with hidden=True
+    inexact: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return not self.inexact
 
     @property
     def prunable(self) -> bool:
@@ -63,7 +69,7 @@ class Group:
     def as_dict(self) -> dict:
         return {
             "id": self.id, "prunable": self.prunable, "units": self.n_units,
-            "reasons": list(self.reasons),
+            "reasons": list(self.reasons), "exact": self.exact, "inexact": list(self.inexact),
             "members": [m.__dict__ | {} for m in self.members],
         }
 
@@ -124,13 +130,14 @@ def _touched(node: fx.Node, params: set) -> list[tuple[fx.Node, int]]:
 
 def build_graph(gm: fx.GraphModule) -> nx.Graph:
     """The ``(node name, axis)`` graph: edges carry index ``pairs`` (None: identity), nodes
-    ``size``, ``reasons`` (why the axis must stay whole) and ``params``."""
+    ``size``, ``reasons`` (why the axis must stay whole), ``inexact`` (why pruning it is
+    only approximate) and ``params``."""
     g = nx.Graph()
 
     def add(ax) -> str:
         key = (ax[0].name, ax[1])
         if key not in g:
-            g.add_node(key, size=shape(ax[0])[ax[1]], reasons=[], params=[])
+            g.add_node(key, size=shape(ax[0])[ax[1]], reasons=[], inexact=[], params=[])
         return key
 
     for node in gm.graph.nodes:
@@ -176,6 +183,9 @@ def build_graph(gm: fx.GraphModule) -> nx.Graph:
             accounted.add(p.axis)
         for ax, reason in flow.blocks.items():
             g.nodes[add(ax)]["reasons"].append(reason)
+            accounted.add(ax)
+        for ax, reason in flow.inexact.items():
+            g.nodes[add(ax)]["inexact"].append(reason)
             accounted.add(ax)
         for ax in touched:
             if ax not in accounted:
@@ -231,10 +241,12 @@ def _check_skip(gm: fx.GraphModule, skip) -> None:
                             "(layer1.*)")
 
 
-def groups(gm: fx.GraphModule, *, skip=None) -> list[Group]:
+def groups(gm: fx.GraphModule, *, skip=None, hidden: bool = False) -> list[Group]:
     """The coupled channel groups of ``gm`` (a group holds at least one producer).
 
     ``skip`` (module paths, node names or globs) marks the groups they touch unprunable.
+    A group under LayerNorm / RMSNorm statistics (the residual / embedding width) is
+    refused unless ``hidden=True``; then it is prunable with ``exact`` False.
 
     Example::
 
@@ -252,11 +264,15 @@ def groups(gm: fx.GraphModule, *, skip=None) -> list[Group]:
         params = _real_params(params)
         members = list(dict.fromkeys(Member(param_key(p), p.dim, p.role) for p in params))
         reasons = list(dict.fromkeys(r for ax in comp for r in g.nodes[ax]["reasons"]))
+        inexact = list(dict.fromkeys(r for ax in comp for r in g.nodes[ax]["inexact"]))
+        if inexact and not hidden:
+            reasons += inexact
         why = _skipped(params, skip)
         if why:
             reasons.append(why)
         units, n = _units(g, comp)
-        found.append(Group(len(found), comp, members, reasons, params, units, n))
+        found.append(Group(len(found), comp, members, reasons, params, units, n,
+                           inexact if hidden else []))
     return found
 
 

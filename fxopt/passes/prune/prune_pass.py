@@ -32,13 +32,15 @@ def _macs(gm) -> int:
 def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None,
           importance: str = "l1", scope: str = "local", round_to: int | None = None,
           max_layer_ratio: float = 1.0, skip: list[str] | None = None, plan=None,
-          seed: int = 0) -> PassResult:
+          seed: int = 0, hidden: bool = False) -> PassResult:
     """Remove ``ratio`` of the channels of every prunable group (heads, MLP width, conv
     channels), or the ratio that keeps ``macs`` of the MACs, ranked by ``importance`` (l1,
     l2, bn_scale, random), per group (``scope=local``) or across groups (``global``); kept
     counts are multiples of ``round_to``; no group loses more than ``max_layer_ratio``;
-    ``skip`` names layers to leave whole; ``plan`` replays a saved plan. The result is
-    verified against its masked twin.
+    ``skip`` names layers to leave whole; ``plan`` replays a saved plan; ``hidden=True``
+    also prunes the residual / embedding width under LayerNorm / RMSNorm (plan entries
+    ``"exact": false``). The result is verified against its masked twin (exact groups;
+    non-exact ones are shrunk in the twin too, so they are checked only to run).
 
     Example::
 
@@ -55,9 +57,11 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: round_to must be a positive integer, not {round_to!r}")
     if isinstance(skip, str):
         skip = [skip]
+    if not isinstance(hidden, bool):
+        raise PassError(f"prune: hidden must be True or False, not {hidden!r}")
     saved = load_plan(plan) if plan is not None else None
     start = time.perf_counter()
-    found = groups(gm, skip=skip)
+    found = groups(gm, skip=skip, hidden=hidden)
     refused = [{"group": g.id, "members": [m.param for m in g.members][:4],
                 "reasons": g.reasons or ["a single channel unit"]}
                for g in found if not g.prunable]
@@ -80,7 +84,8 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
 
         def macs_after(r: float) -> int:
             trial = copy.deepcopy(gm)  # same node names, so the same groups in order
-            shrink(trial, [g for g in groups(trial, skip=skip) if g.prunable], pick(r))
+            shrink(trial, [g for g in groups(trial, skip=skip, hidden=hidden) if g.prunable],
+                   pick(r))
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
 
         ratio, kept = search_ratio(macs_after, total, macs)
@@ -97,6 +102,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     start += time.perf_counter() - copied
     done = shrink(gm, chosen, removed)
     seconds = time.perf_counter() - start
+    approx = _shrink_inexact(twin, chosen, removed, skip)
     zero_consumers(twin, done, key="attr")
     error = check_twin(gm, twin, tuple(ctx.example_inputs))
     annotate(gm, tuple(ctx.example_inputs))  # shapes after the shrink, for the MACs
@@ -105,7 +111,28 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     stats |= {"plan": done, "twin_error": error, "seconds": seconds, "report": report,
               "units_removed": sum(len(r) for r in removed),
               "units_in_pruned_groups": sum(p["units"] for p in done)}
+    if approx:
+        stats["not_exact"] = {
+            "groups": approx,
+            "note": "hidden=True: these groups sit under LayerNorm / RMSNorm statistics, so "
+                    "the pruned model is not exact; the masked-twin check covers the exact "
+                    "groups only (these are shrunk in the twin too, so they are verified only "
+                    "to run with consistent shapes)"}
     return PassResult(gm, True, stats)
+
+
+def _shrink_inexact(twin, chosen, removed, skip) -> list[int]:
+    """Shrink the non-exact groups of ``chosen`` in ``twin`` (a copy of the graph made
+    before the shrink: same node names, so the same groups in order), so that the twin
+    differs from the pruned graph only by the exact groups' masked consumers. Returns the
+    non-exact group ids."""
+    ids = [i for i, (g, r) in enumerate(zip(chosen, removed, strict=True))
+           if not g.exact and len(r)]
+    if not ids:
+        return []
+    mine = [g for g in groups(twin, skip=skip, hidden=True) if g.prunable]
+    shrink(twin, [mine[i] for i in ids], [removed[i] for i in ids])
+    return [chosen[i].id for i in ids]
 
 
 def _producer_widths(gm, chosen) -> dict[tuple[str, int], int]:

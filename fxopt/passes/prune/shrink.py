@@ -158,7 +158,7 @@ def shrink(gm: fx.GraphModule, groups: list[Group], removed: list[np.ndarray]) -
                    else id(p.view.node) if p.view is not None else 0, param_key(p))
             cuts[key][p.dim] = by_axis[(p.axis[0].name, p.axis[1])]
             owners[key] = p
-        plan.append(plan_of(g, by_axis, units))
+        plan.append(plan_of(g, by_axis, units, exact=g.exact))
     for key, dims in cuts.items():
         p = owners[key]
         t = tensor_of(gm, p)
@@ -181,6 +181,9 @@ def _fix_attrs(gm: fx.GraphModule, new_size: dict) -> None:
     """Channel counts and ``groups`` of the ops whose axes shrank."""
     for node in gm.graph.nodes:
         view = op_of(node)
+        if view.kind in ("layer_norm", "rms_norm"):
+            _fix_normalized_shape(view, new_size)
+            continue
         if view.kind not in ("conv", "conv_transpose", "linear", "batch_norm", "embedding"):
             continue
         x, so = view.input, shape(node)
@@ -208,6 +211,19 @@ def _fix_attrs(gm: fx.GraphModule, new_size: dict) -> None:
             view.module.num_features = cout
         elif view.module is not None and view.kind == "embedding":
             view.module.embedding_dim = cout
+
+
+def _fix_normalized_shape(view, new_size: dict) -> None:
+    """The ``normalized_shape`` of a LayerNorm / RMSNorm whose last axis shrank
+    (``prune(hidden=True)``)."""
+    so = shape(view.node)
+    if not so or (view.node.name, len(so) - 1) not in new_size:
+        return
+    ns = (new_size[(view.node.name, len(so) - 1)],)
+    if view.module is not None:
+        view.module.normalized_shape = ns
+    else:
+        view.set_arg("normalized_shape", list(ns))
 
 
 def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
