@@ -119,3 +119,12 @@ def test_hidden_must_be_a_bool():
     model, inputs = _embedded_gqa()
     with pytest.raises(PassError, match="hidden must be True or False"):
         fxopt.optimize(model, inputs, "prune(hidden=2)")
+
+
+def test_symbolic_multihead_attention_blocks_the_hidden_width():
+    """nn.MultiheadAttention as one call_module declares no channel flow, so even with
+    hidden=True the width stays (its ATen decomposition, mode="export", prunes it)."""
+    model, inputs = zoo.load("transformer")
+    _, stats = _prune(model.eval(), inputs, "symbolic", True)
+    assert "not_exact" not in stats and all(g["exact"] for g in stats["plan"])
+    assert any("attention op" in why for r in stats["refused"] for why in r["reasons"])
