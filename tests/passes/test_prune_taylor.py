@@ -61,10 +61,11 @@ def test_taylor_without_calibration_is_a_pass_error():
                calibration=[])
 
 
-def test_taylor_on_a_residual_cnn_equals_its_masked_twin():
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_taylor_on_a_residual_cnn_equals_its_masked_twin(mode):
     model, inputs = zoo.load("resnet")
     batches = [zoo.get("resnet").make_inputs(2) for _ in range(2)]
-    res, stats = _prune(model, inputs, "prune(ratio=0.4,importance=taylor,scope=global)",
+    res, stats = _prune(model, inputs, "prune(ratio=0.4,importance=taylor,scope=global)", mode,
                         calibration=batches)
     assert stats["plan"] and stats["twin_error"] < 1e-4
     with torch.no_grad():
@@ -118,3 +119,19 @@ def test_bad_steps_are_pass_errors(spec):
     model, inputs = zoo.load("mlp")
     with pytest.raises(PassError, match="steps"):
         _prune(model, inputs, spec)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_taylor_scores_every_prunable_group_of_a_cnn(mode):
+    from fxopt.passes.prune.taylor import taylor_scores
+
+    model, inputs = zoo.load("mobilenet")
+    gm = fxopt.capture(model, inputs, mode=mode)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    gs = [g for g in fxopt.prune.groups(gm) if g.prunable]
+    scores = taylor_scores(gs, gm, [zoo.get("mobilenet").make_inputs(2)])
+    assert len(scores) == len(gs) and all(s.shape == (g.n_units,) for s, g in zip(scores, gs))
+    # real gradients in every group (a few squeeze-excite units are dead ReLUs: 0)
+    assert all((s > 0).sum() > len(s) // 3 for s in scores)
+    assert sum((s > 0).sum() for s in scores) > 0.9 * sum(len(s) for s in scores)
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
