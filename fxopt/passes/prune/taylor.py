@@ -34,7 +34,8 @@ def calibration_batches(calibration: Iterable | None, n_inputs: int) -> list[tup
     if calibration is None:
         raise PassError("prune: importance=taylor needs calibration batches for its "
                         "gradients: pass fxopt.optimize(..., calibration=batches) (a list "
-                        "or DataLoader of input batches), or use importance=l1")
+                        "or DataLoader of input batches; fxopt optimize: --calibration-data), or "
+                        "use importance=l1")
     batches = []
     for batch in calibration:
         batch = batch if isinstance(batch, (tuple, list)) else (batch,)
