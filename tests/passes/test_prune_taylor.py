@@ -135,3 +135,18 @@ def test_taylor_scores_every_prunable_group_of_a_cnn(mode):
     assert all((s > 0).sum() > len(s) // 3 for s in scores)
     assert sum((s > 0).sum() for s in scores) > 0.9 * sum(len(s) for s in scores)
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_batches_and_steps_show_progress(capfd):
+    import fxopt.progress
+
+    model, inputs = zoo.load("mlp")
+    batches = [zoo.get("mlp").make_inputs(2) for _ in range(2)]
+    previous = fxopt.progress.show_progress("always")
+    try:
+        _prune(model, inputs, "prune(ratio=0.5,importance=taylor,steps=2)",
+               calibration=batches)
+    finally:
+        fxopt.progress.show_progress(previous)
+    err = capfd.readouterr().err
+    assert "prune steps" in err and "taylor importance" in err
