@@ -12,13 +12,19 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
+import torch
+
+import fxopt.progress
 from fxopt.errors import PassError
 from fxopt.graph_utils import annotate
+from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
-from fxopt.passes.prune.groups import groups, param_key
+from fxopt.passes.prune.groups import graph_path, groups, param_key
 from fxopt.passes.prune.plan import load_plan, replay, search_ratio
 from fxopt.passes.prune.report import layer_counts, layer_report, totals
-from fxopt.passes.prune.shrink import score, select, shrink, tensor_of
+from fxopt.passes.prune.shrink import indices_by_axis, score, select, shrink, tensor_of
+from fxopt.passes.prune.taylor import calibration_batches
 from fxopt.passes.prune.twin import check_twin, zero_consumers
 
 
@@ -32,7 +38,7 @@ def _macs(gm) -> int:
 def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None,
           importance: str = "l1", scope: str = "local", round_to: int | None = None,
           max_layer_ratio: float = 1.0, skip: list[str] | None = None, plan=None,
-          seed: int = 0, hidden: bool = False) -> PassResult:
+          seed: int = 0, hidden: bool = False, steps: int = 1) -> PassResult:
     """Remove ``ratio`` of the channels of every prunable group (heads, MLP width, conv
     channels), or the ratio that keeps ``macs`` of the MACs, ranked by ``importance`` (l1,
     l2, bn_scale, random), per group (``scope=local``) or across groups (``global``); kept
@@ -42,10 +48,18 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     ``"exact": false``). The result is verified against its masked twin (exact groups;
     non-exact ones are shrunk in the twin too, so they are checked only to run).
 
+    ``importance=taylor`` ranks by ``|w * dL/dw|`` over the ``calibration=`` batches
+    (``fxopt.passes.prune.taylor``: the loss is the outputs' squared norm). ``steps=N``
+    prunes in N steps of ``ratio / N``, masking the removed units of a private copy and
+    re-ranking between steps; the plan is the cumulative one in the original numbering,
+    applied as one shrink and checked against its masked twin.
+
     Example::
 
         fxopt.optimize(model, (x,), "prune(ratio=0.5,importance=l2,round_to=8)")
         fxopt.optimize(model, (x,), "prune(macs=0.5)")
+        fxopt.optimize(model, (x,), "prune(ratio=0.5,importance=taylor,steps=3)",
+                       calibration=batches)
     """
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise PassError(f"prune: ratio must be in [0, 1), not {ratio!r}")
@@ -55,6 +69,11 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: max_layer_ratio must be in (0, 1], not {max_layer_ratio!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise PassError(f"prune: round_to must be a positive integer, not {round_to!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise PassError(f"prune: steps must be a positive integer, not {steps!r}")
+    if steps > 1 and macs is not None:
+        raise PassError("prune: steps= works with ratio=, not with macs= (yet); find the "
+                        "ratio with prune(macs=...) and give it as ratio=")
     if isinstance(skip, str):
         skip = [skip]
     if not isinstance(hidden, bool):
@@ -71,14 +90,25 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                         f"{r['reasons'][0]}" for r in refused[:8])
         raise PassError(f"prune: nothing in this model can be pruned exactly: {why}")
     stats = {"groups": len(found), "prunable": len(chosen), "refused": refused}
-    scores = score(chosen, gm, importance, seed) if saved is None else None
+    shown = ctx.options.get("progress")
+    batches = None
+    if importance == "taylor" and saved is None:
+        batches = calibration_batches(ctx.calibration, len(ctx.example_inputs))
 
-    def pick(r: float):
-        return select(chosen, scores, ratio=r, scope=scope, round_to=round_to,
-                      max_layer_ratio=max_layer_ratio)
+    def rank(gs, module):
+        return score(gs, module, importance, seed, batches, shown)
+
+    scores = rank(chosen, gm) if saved is None and steps == 1 else None
+
+    def pick(r: float, s=None):
+        return select(chosen, scores if s is None else s, ratio=r, scope=scope,
+                      round_to=round_to, max_layer_ratio=max_layer_ratio)
 
     if saved is not None:
         removed = replay(chosen, saved)
+    elif steps > 1:
+        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
+        stats |= {"steps": steps, "units_removed_per_step": per_step}
     elif macs is not None:
         total = _macs(gm)
 
@@ -133,6 +163,47 @@ def _shrink_inexact(twin, chosen, removed, skip) -> list[int]:
     mine = [g for g in groups(twin, skip=skip, hidden=True) if g.prunable]
     shrink(twin, [mine[i] for i in ids], [removed[i] for i in ids])
     return [chosen[i].id for i in ids]
+
+
+def _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, progress):
+    """The cumulative units removed after ``steps`` steps to ``ratio``: each step ranks a
+    masked copy (the units removed so far zeroed in every member), keeps them removed and
+    removes more up to ``ratio * k / steps``; returns the units per group and how many each
+    step added."""
+    work = copy.deepcopy(gm)  # same node names, so the same groups in order
+    mirror = [g for g in groups(work, skip=skip, hidden=hidden) if g.prunable]
+    if [g.n_units for g in mirror] != [g.n_units for g in chosen]:
+        raise PassError("prune: steps= found other channel groups on a copy of the graph; "
+                        "report it with the model, or use steps=1")
+    removed = [np.zeros(0, dtype=np.int64) for _ in chosen]
+    per_step = []
+    for k in fxopt.progress.bar(range(1, steps + 1), "prune steps", unit="step",
+                                progress=progress):
+        scores = [np.asarray(s, dtype=float).copy() for s in rank(mirror, work)]
+        for s, r in zip(scores, removed, strict=True):
+            s[r] = -1.0  # every importance is >= 0: what is gone stays first in line
+        new = pick(ratio if k == steps else ratio * k / steps, scores)
+        before = sum(len(r) for r in removed)
+        removed = [np.union1d(a, b).astype(np.int64) for a, b in zip(removed, new, strict=True)]
+        per_step.append(sum(len(r) for r in removed) - before)
+        for g, units in zip(mirror, removed, strict=True):
+            _mask(work, g, units)
+    return removed, per_step
+
+
+def _mask(module, group, units) -> None:
+    """Zero, in ``module``, every member slice (producer, consumer, passthrough) of
+    ``units``: the masked model computes what the model with them removed computes."""
+    if not len(units):
+        return
+    by_axis = indices_by_axis(group, units)
+    for p in group.params:
+        idx = by_axis[(p.axis[0].name, p.axis[1])]
+        path = graph_path(p)
+        t = fetch_attr(module, path) if len(idx) else None
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            fill = torch.as_tensor(idx, dtype=torch.long)
+            _set_path(module, path, t.detach().clone().index_fill_(p.dim, fill, 0))
 
 
 def _producer_widths(gm, chosen) -> dict[tuple[str, int], int]:

@@ -23,7 +23,7 @@ from fxopt.op_flow import Param, piece_sizes, shape
 from fxopt.ops import _set_path, fetch_attr, op_of
 from fxopt.passes.prune.groups import Group, graph_path, param_key
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "random")
+IMPORTANCE = ("l1", "l2", "bn_scale", "random", "taylor")
 
 
 def tensor_of(gm: fx.GraphModule, p: Param) -> torch.Tensor | None:
@@ -33,11 +33,19 @@ def tensor_of(gm: fx.GraphModule, p: Param) -> torch.Tensor | None:
 
 
 def score(groups: list[Group], gm: fx.GraphModule, importance: str,
-          seed: int = 0) -> list[np.ndarray]:
-    """One importance per unit of each group (higher = keep)."""
+          seed: int = 0, batches: list[tuple] | None = None,
+          progress=None) -> list[np.ndarray]:
+    """One importance per unit of each group (higher = keep); ``taylor`` needs ``batches``
+    (``fxopt.passes.prune.taylor``)."""
     if importance not in IMPORTANCE:
         raise PassError(f"prune: unknown importance {importance!r}; use one of "
                         f"{', '.join(IMPORTANCE)}")
+    if importance == "taylor":
+        from fxopt.passes.prune.taylor import calibration_batches, taylor_scores
+
+        if batches is None:
+            batches = calibration_batches(None, 0)
+        return taylor_scores(groups, gm, batches, progress)
     gen = np.random.default_rng(seed)
     out = []
     for g in groups:
