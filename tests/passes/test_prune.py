@@ -168,3 +168,35 @@ def test_pruned_then_default_lowers_to_onnx_and_eager(name, mode, tmp_path):
         assert compare_outputs(res.module(*inputs), eager(*inputs)).ok()
     stored = sum(t.numel() for t in loaded.module.state_dict().values())  # the smaller weights
     assert stored < 0.8 * sum(t.numel() for t in model.state_dict().values())
+
+
+class _InPlaceResidual(nn.Module):
+    """``y += shortcut(x)`` as Hugging Face ResNet/RegNet write it: torch.export keeps the
+    in-place ``aten.add_``, which must couple the two branches like ``add``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.a(h)
+        y += self.b(h)
+        return self.head(torch.relu(y))
+
+
+def test_in_place_add_couples_a_residual_in_both_capture_forms():
+    torch.manual_seed(0)
+    model, x = _InPlaceResidual().eval(), torch.randn(2, 3, 8, 8)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        coupled = [g for g in stats["plan"]
+                   if {"a.weight", "b.weight"}
+                   <= {m["param"] for m in g["members"] if m["role"] == "producer"}]
+        assert len(coupled) == 1 and coupled[0]["removed_units"] == 8, (mode, stats["refused"])
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
