@@ -43,8 +43,6 @@ XFAIL: dict[str, str] = {
     "swin": _SWIN,
     "llama-gqa": _GQA,
     "qwen2-gqa": _GQA,
-    "mobilenet-v2": ("MobileNetV2: every group crosses HF's TF-style F.pad (spatial padding) "
-                     "and pad declares no channel flow, so nothing is prunable (PassError)"),
     "convnext-v2": ("ConvNeXt-V2: GRN's linalg_vector_norm declares no channel flow and the "
                     "rest sits under LayerNorm, so nothing is prunable (PassError)"),
     "gpt2": ("GPT-2: HF Conv1D stores its weight (in, out); the plan's consumer dim for "

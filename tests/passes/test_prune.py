@@ -200,3 +200,35 @@ def test_in_place_add_couples_a_residual_in_both_capture_forms():
         with torch.no_grad():
             got, want = res.module(x), masked_twin(model, stats["plan"])(x)
         assert compare_outputs(want, got, EXACT).ok(EXACT)
+
+
+class _Padded(nn.Module):
+    """TF-style "same" padding (``F.pad`` of H and W before a conv, as HF MobileNetV2 and
+    EfficientNet do) passes channels through; padding the channel axis blocks them."""
+
+    def __init__(self, pad_channels: bool = False):
+        super().__init__()
+        self.pad_channels = pad_channels
+        self.a = nn.Conv2d(3, 16, 3)
+        self.b = nn.Conv2d(17 if pad_channels else 16, 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.nn.functional.pad(h, (0, 0, 0, 0, 0, 1) if self.pad_channels else (1, 1, 0, 2))
+        return self.b(h)
+
+
+def test_spatial_pad_passes_channels_and_channel_pad_blocks_them():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    for mode in MODES:
+        model = _Padded().eval()
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        assert {(m["param"], m["dim"], m["role"]) for m in group["members"] if m["indices"]} \
+            >= {("a.weight", 0, "producer"), ("b.weight", 1, "consumer")}, mode
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
+        with pytest.raises(PassError, match="pad"):
+            _prune(_Padded(pad_channels=True).eval(), (x,), mode)
