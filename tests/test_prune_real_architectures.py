@@ -36,13 +36,8 @@ pytestmark = pytest.mark.slow  # every test builds a third-party model
 _SWIN = ("Swin: the shrink of the windowed attention crashes (RuntimeError: output with shape "
          "[32, 1, 16, 16] doesn't match the broadcast shape [32, 2, 16, 16]): the relative "
          "position bias add keeps the unpruned head count")
-_GQA = ("GQA decoder: the shrink leaves a reshape constant unpruned (RuntimeError: shape "
-        "'[2, 2, 12, 8]' is invalid for input of size 768) when kv heads are repeated for the "
-        "query groups")
 XFAIL: dict[str, str] = {
     "swin": _SWIN,
-    "llama-gqa": _GQA,
-    "qwen2-gqa": _GQA,
     "convnext-v2": ("ConvNeXt-V2: GRN's linalg_vector_norm declares no channel flow and the "
                     "rest sits under LayerNorm, so nothing is prunable (PassError)"),
     "gpt2": ("GPT-2: HF Conv1D stores its weight (in, out); the plan's consumer dim for "

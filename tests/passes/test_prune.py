@@ -232,3 +232,42 @@ def test_spatial_pad_passes_channels_and_channel_pad_blocks_them():
         assert compare_outputs(want, got, EXACT).ok(EXACT)
         with pytest.raises(PassError, match="pad"):
             _prune(_Padded(pad_channels=True).eval(), (x,), mode)
+
+
+class _ExpandGQA(nn.Module):
+    """Grouped-query attention repeating kv heads as Hugging Face's ``repeat_kv`` does:
+    ``kv[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d)``; the expand's
+    kv head count is a shape constant the shrink must rewrite."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, heads * self.d)
+        self.k = nn.Linear(dim, kv_heads * self.d)
+        self.v = nn.Linear(dim, kv_heads * self.d)
+        self.o = nn.Linear(heads * self.d, dim)
+
+    def _repeat(self, t, b, s):
+        t = t.view(b, s, self.kv, self.d).transpose(1, 2)
+        rep = self.h // self.kv
+        return t[:, :, None].expand(b, self.kv, rep, s, self.d).reshape(b, self.h, s, self.d)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self._repeat(self.k(x), b, s), self._repeat(self.v(x), b, s)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, self.h * self.d))
+
+
+def test_expand_repeated_kv_heads_shrink_with_their_query_groups():
+    torch.manual_seed(0)
+    model, x = _ExpandGQA().eval(), torch.randn(2, 5, 32)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        removed = {m["param"]: len(m["indices"]) for m in group["members"]}
+        assert removed["q.weight"] == 16 and removed["k.weight"] == removed["v.weight"] == 8, mode
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)

@@ -211,12 +211,13 @@ def _fix_attrs(gm: fx.GraphModule, new_size: dict) -> None:
 
 
 def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
-    """``x.view(b, 4, 16)``-style constants of the axes that shrank; -1 and sizes computed in
-    the graph stay as they are."""
+    """``x.view(b, 4, 16)``- and ``x.expand(b, 2, 2, s, d)``-style constants of the axes that
+    shrank (an expand's is the kv head count grouped-query attention repeats); -1 and sizes
+    computed in the graph stay as they are."""
     for node in gm.graph.nodes:
         view = op_of(node)
         so = shape(node)
-        if view.kind == "reshape" and so is not None:
+        if (view.kind == "reshape" or _is_expand(node)) and so is not None:
             changed = {k: new_size[(node.name, k)] for k in range(len(so))
                        if (node.name, k) in new_size}
             if not changed:
@@ -235,6 +236,13 @@ def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
             node.args = tuple(args)
         elif view.kind in ("split", "chunk"):
             _fix_pieces(node, view, new_size)
+
+
+def _is_expand(node: fx.Node) -> bool:
+    """``x.expand(*sizes)`` / ``aten.expand``: sizes like a reshape's (not ``repeat`` counts,
+    nor ``expand_as``, which takes a tensor)."""
+    target = node.target if isinstance(node.target, str) else str(node.target)
+    return target == "expand" or target.startswith("aten.expand.")
 
 
 def _fix_pieces(node: fx.Node, view, new_size: dict) -> None:
