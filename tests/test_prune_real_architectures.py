@@ -40,9 +40,6 @@ XFAIL: dict[str, str] = {
     "swin": _SWIN,
     "convnext-v2": ("ConvNeXt-V2: GRN's linalg_vector_norm declares no channel flow and the "
                     "rest sits under LayerNorm, so nothing is prunable (PassError)"),
-    "gpt2": ("GPT-2: HF Conv1D stores its weight (in, out); the plan's consumer dim for "
-             "mlp.c_proj.weight is 1 (out) instead of 0 (PassError: the plan removes index "
-             "126 of 32)"),
 }
 
 

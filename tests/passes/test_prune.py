@@ -271,3 +271,30 @@ def test_expand_repeated_kv_heads_shrink_with_their_query_groups():
         with torch.no_grad():
             got, want = res.module(x), masked_twin(model, stats["plan"])(x)
         assert compare_outputs(want, got, EXACT).ok(EXACT)
+
+
+class _Conv1DStyle(nn.Module):
+    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)`` with the weight stored (in, out),
+    the transpose of nn.Linear's layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 24)), nn.Parameter(torch.randn(24))
+        self.w2, self.b2 = nn.Parameter(torch.randn(24, 8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.b1, x, self.w1))
+        return torch.addmm(self.b2, h, self.w2)
+
+
+def test_a_transposed_weight_is_planned_in_its_stored_layout():
+    torch.manual_seed(0)
+    model, x = _Conv1DStyle().eval(), torch.randn(4, 8)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        dims = {(m["param"], m["role"]): m["dim"] for m in group["members"]}
+        assert dims[("w1", "producer")] == 1 and dims[("w2", "consumer")] == 0, (mode, dims)
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
