@@ -579,6 +579,23 @@ def channel_first(view) -> Flow:
     return flow
 
 
+def pad(view) -> Flow:
+    """F.pad / constant_pad_nd: ``pad`` lists (before, after) amounts from the last axis
+    backwards; an axis padded by nothing keeps its index, a padded one is left to block.
+
+    Example: ``F.pad(x, (0, 1, 0, 1))`` on NCHW pads H and W; N and C pass through."""
+    flow = Flow()
+    x, out = view.input, view.node
+    sx, so, amounts = shape(x), shape(out), view.arg("pad")
+    if sx is None or so is None or not isinstance(amounts, (list, tuple)) or len(sx) != len(so):
+        return flow
+    padded = {len(sx) - 1 - i // 2 for i, a in enumerate(amounts) if a != 0}
+    for k in range(len(sx)):
+        if k not in padded and sx[k] == so[k]:
+            flow.link((x, k), (out, k))
+    return flow
+
+
 def neutral(view) -> Flow:
     """Shape queries and checks read no channel values."""
     flow = Flow()
@@ -606,5 +623,6 @@ FLOW_RULES: dict[str, Callable[[Any], Flow]] = {
     "sdpa": sdpa,
     "matmul": matmul,
     "channel_first": channel_first,
+    "pad": pad,
     "neutral": neutral,
 }

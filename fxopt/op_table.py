@@ -136,7 +136,7 @@ _FLOW = {
     "interpolate": "channel_first", "max_pool": "channel_first", "avg_pool": "channel_first",
     "adaptive_avg_pool": "channel_first", "adaptive_max_pool": "channel_first",
     "dropout": "same_index", "identity": "same_index", "assert_metadata": "neutral",
-    "cumsum": "over_dim",
+    "cumsum": "over_dim", "pad": "pad",
 }
 
 
@@ -283,18 +283,18 @@ _op("log_softmax", "softmax", modules=(nn.LogSoftmax,),
 # ---------------------------------------------------------------- element-wise arithmetic
 _BINARY = ("input", "other")
 _op("add", "elementwise", functions=(operator.add, operator.iadd, torch.add),
-    methods=("add", "add_"), aten=("add",), signature=(*_BINARY, "alpha"),
+    methods=("add", "add_"), aten=("add", "add_"), signature=(*_BINARY, "alpha"),
     defaults={"alpha": 1}, props=(Prop.COMMUTATIVE,))
 _op("sub", "elementwise", functions=(operator.sub, operator.isub, torch.sub),
-    methods=("sub", "sub_"), aten=("sub",), signature=(*_BINARY, "alpha"),
+    methods=("sub", "sub_"), aten=("sub", "sub_"), signature=(*_BINARY, "alpha"),
     defaults={"alpha": 1})
 # rsub(x, c) is c - x (export writes ``1 - x`` so): not a sub whose "x - 0" is a no-op
 _op("rsub", "elementwise", functions=(torch.rsub,), methods=("rsub",), aten=("rsub",),
     signature=(*_BINARY, "alpha"), defaults={"alpha": 1})
 _op("mul", "elementwise", functions=(operator.mul, operator.imul, torch.mul),
-    methods=("mul", "mul_"), aten=("mul",), signature=_BINARY, props=(Prop.COMMUTATIVE,))
+    methods=("mul", "mul_"), aten=("mul", "mul_"), signature=_BINARY, props=(Prop.COMMUTATIVE,))
 _op("div", "elementwise", functions=(operator.truediv, operator.itruediv, torch.div),
-    methods=("div", "div_"), aten=("div",), signature=_BINARY)
+    methods=("div", "div_"), aten=("div", "div_"), signature=_BINARY)
 _op("clamp", "elementwise", functions=(torch.clamp, torch.clip), methods=("clamp", "clip"),
     aten=("clamp", "clip"), signature=("input", "min", "max"),
     defaults={"min": None, "max": None})

@@ -62,6 +62,7 @@ EFFECTS = [
     ("dropout-function", lambda: _node("call_function", F.dropout, ("x", 0.1, False)), RANDOM),
     ("relu_-method", lambda: _node("call_method", "relu_"), INPLACE),
     ("relu_-aten", lambda: _node("call_function", aten.relu_.default), INPLACE),
+    ("add_-aten", lambda: _node("call_function", aten.add_.Tensor, ("x", "w")), INPLACE),
     ("relu-inplace-module", lambda: _node("call_module", "relu"), INPLACE),
     ("relu-inplace-kwarg", lambda: _node("call_function", F.relu, kwargs={"inplace": True}),
      INPLACE),
@@ -71,7 +72,7 @@ EFFECTS = [
     # untabled ATen ops: the tags and schemas of the packet
     ("aten.rand", lambda: _node("call_function", aten.rand.default, ([2, 2],)), RANDOM),
     ("aten.bernoulli", lambda: _node("call_function", aten.bernoulli.default), RANDOM),
-    ("aten.add_", lambda: _node("call_function", aten.add_.Tensor, ("x", "w")), INPLACE | ALIAS),
+    ("aten.sin_", lambda: _node("call_function", aten.sin_.default), INPLACE | ALIAS),
     ("aten.sin", lambda: _node("call_function", aten.sin.default), PURE),
     ("aten.narrow", lambda: _node("call_function", aten.narrow.default, ("x", 0, 0, 1)), ALIAS),
     # max.dim_max writes only out= buffers (not named *out): max is pure in every form

@@ -168,3 +168,133 @@ def test_pruned_then_default_lowers_to_onnx_and_eager(name, mode, tmp_path):
         assert compare_outputs(res.module(*inputs), eager(*inputs)).ok()
     stored = sum(t.numel() for t in loaded.module.state_dict().values())  # the smaller weights
     assert stored < 0.8 * sum(t.numel() for t in model.state_dict().values())
+
+
+class _InPlaceResidual(nn.Module):
+    """``y += shortcut(x)`` as Hugging Face ResNet/RegNet write it: torch.export keeps the
+    in-place ``aten.add_``, which must couple the two branches like ``add``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.a(h)
+        y += self.b(h)
+        return self.head(torch.relu(y))
+
+
+def test_in_place_add_couples_a_residual_in_both_capture_forms():
+    torch.manual_seed(0)
+    model, x = _InPlaceResidual().eval(), torch.randn(2, 3, 8, 8)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        coupled = [g for g in stats["plan"]
+                   if {"a.weight", "b.weight"}
+                   <= {m["param"] for m in g["members"] if m["role"] == "producer"}]
+        assert len(coupled) == 1 and coupled[0]["removed_units"] == 8, (mode, stats["refused"])
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
+
+
+class _Padded(nn.Module):
+    """TF-style "same" padding (``F.pad`` of H and W before a conv, as HF MobileNetV2 and
+    EfficientNet do) passes channels through; padding the channel axis blocks them."""
+
+    def __init__(self, pad_channels: bool = False):
+        super().__init__()
+        self.pad_channels = pad_channels
+        self.a = nn.Conv2d(3, 16, 3)
+        self.b = nn.Conv2d(17 if pad_channels else 16, 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.nn.functional.pad(h, (0, 0, 0, 0, 0, 1) if self.pad_channels else (1, 1, 0, 2))
+        return self.b(h)
+
+
+def test_spatial_pad_passes_channels_and_channel_pad_blocks_them():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    for mode in MODES:
+        model = _Padded().eval()
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        assert {(m["param"], m["dim"], m["role"]) for m in group["members"] if m["indices"]} \
+            >= {("a.weight", 0, "producer"), ("b.weight", 1, "consumer")}, mode
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
+        with pytest.raises(PassError, match="pad"):
+            _prune(_Padded(pad_channels=True).eval(), (x,), mode)
+
+
+class _ExpandGQA(nn.Module):
+    """Grouped-query attention repeating kv heads as Hugging Face's ``repeat_kv`` does:
+    ``kv[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, heads, s, d)``; the expand's
+    kv head count is a shape constant the shrink must rewrite."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, heads * self.d)
+        self.k = nn.Linear(dim, kv_heads * self.d)
+        self.v = nn.Linear(dim, kv_heads * self.d)
+        self.o = nn.Linear(heads * self.d, dim)
+
+    def _repeat(self, t, b, s):
+        t = t.view(b, s, self.kv, self.d).transpose(1, 2)
+        rep = self.h // self.kv
+        return t[:, :, None].expand(b, self.kv, rep, s, self.d).reshape(b, self.h, s, self.d)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self._repeat(self.k(x), b, s), self._repeat(self.v(x), b, s)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, self.h * self.d))
+
+
+def test_expand_repeated_kv_heads_shrink_with_their_query_groups():
+    torch.manual_seed(0)
+    model, x = _ExpandGQA().eval(), torch.randn(2, 5, 32)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        removed = {m["param"]: len(m["indices"]) for m in group["members"]}
+        assert removed["q.weight"] == 16 and removed["k.weight"] == removed["v.weight"] == 8, mode
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)
+
+
+class _Conv1DStyle(nn.Module):
+    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)`` with the weight stored (in, out),
+    the transpose of nn.Linear's layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 24)), nn.Parameter(torch.randn(24))
+        self.w2, self.b2 = nn.Parameter(torch.randn(24, 8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.b1, x, self.w1))
+        return torch.addmm(self.b2, h, self.w2)
+
+
+def test_a_transposed_weight_is_planned_in_its_stored_layout():
+    torch.manual_seed(0)
+    model, x = _Conv1DStyle().eval(), torch.randn(4, 8)
+    for mode in MODES:
+        res, stats = _prune(model, (x,), mode)
+        (group,) = stats["plan"]
+        dims = {(m["param"], m["role"]): m["dim"] for m in group["members"]}
+        assert dims[("w1", "producer")] == 1 and dims[("w2", "consumer")] == 0, (mode, dims)
+        with torch.no_grad():
+            got, want = res.module(x), masked_twin(model, stats["plan"])(x)
+        assert compare_outputs(want, got, EXACT).ok(EXACT)

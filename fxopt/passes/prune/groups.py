@@ -74,6 +74,15 @@ class Group:
         }
 
 
+def stored_dim(p: Param) -> int:
+    """``p.dim`` in the tensor as stored (the plan's and the state_dict's numbering): flow
+    rules speak the kind's layout, and a parameter the graph holds transposed from it
+    (``aten.addmm``'s weight, GPT-2's Conv1D) has the other dim."""
+    if p.view is not None and p.name in p.view.entry.transposed:
+        return 1 - p.dim
+    return p.dim
+
+
 def param_key(p: Param) -> str:
     """The state_dict key of a member's tensor in the user's model: the module path capture
     recorded (``meta["fxopt_module_path"]``, which survives ``flatten_modules``) and the
@@ -262,7 +271,7 @@ def groups(gm: fx.GraphModule, *, skip=None, hidden: bool = False) -> list[Group
         if not any(p.role == "producer" for p in params):
             continue
         params = _real_params(params)
-        members = list(dict.fromkeys(Member(param_key(p), p.dim, p.role) for p in params))
+        members = list(dict.fromkeys(Member(param_key(p), stored_dim(p), p.role) for p in params))
         reasons = list(dict.fromkeys(r for ax in comp for r in g.nodes[ax]["reasons"]))
         inexact = list(dict.fromkeys(r for ax in comp for r in g.nodes[ax]["inexact"]))
         if inexact and not hidden:

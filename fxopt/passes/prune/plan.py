@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fxopt.errors import PassError
-from fxopt.passes.prune.groups import Group, param_key
+from fxopt.passes.prune.groups import Group, param_key, stored_dim
 from fxopt.passes.prune.shrink import indices_by_axis
 
 
@@ -46,7 +46,7 @@ def replay(groups: list[Group], plan: list[dict]) -> list[np.ndarray]:
     by_member = {}
     for i, g in enumerate(groups):
         for p in g.params:
-            by_member.setdefault((param_key(p), p.dim), (i, p))
+            by_member.setdefault((param_key(p), stored_dim(p)), (i, p))
     removed = [np.zeros(0, dtype=np.int64) for _ in groups]
     for entry in plan:
         producer = next((m for m in entry["members"] if m["role"] == "producer"), None)
@@ -60,7 +60,7 @@ def replay(groups: list[Group], plan: list[dict]) -> list[np.ndarray]:
         g = groups[i]
         units = []
         for m in entry["members"]:  # a cat's producers each hold some of the units
-            mine = [q for q in g.params if param_key(q) == m["param"] and q.dim == m["dim"]]
+            mine = [q for q in g.params if param_key(q) == m["param"] and stored_dim(q) == m["dim"]]
             if not mine:
                 raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) is not in "
                                 "this model's channel group: made for another model")
@@ -74,7 +74,7 @@ def replay(groups: list[Group], plan: list[dict]) -> list[np.ndarray]:
         units = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
         by_axis = indices_by_axis(g, units)
         for m in entry["members"]:
-            mine = [q for q in g.params if param_key(q) == m["param"] and q.dim == m["dim"]]
+            mine = [q for q in g.params if param_key(q) == m["param"] and stored_dim(q) == m["dim"]]
             if not mine or sorted(by_axis[(mine[0].axis[0].name, mine[0].axis[1])].tolist()) \
                     != sorted(m["indices"]):
                 raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) of group "

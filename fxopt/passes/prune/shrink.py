@@ -21,7 +21,7 @@ import torch.fx as fx
 from fxopt.errors import PassError
 from fxopt.op_flow import Param, piece_sizes, shape
 from fxopt.ops import _set_path, fetch_attr, op_of
-from fxopt.passes.prune.groups import Group, graph_path, param_key
+from fxopt.passes.prune.groups import Group, graph_path, param_key, stored_dim
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "random", "taylor")
 
@@ -135,12 +135,12 @@ def plan_of(group: Group, by_axis: dict, units: np.ndarray, exact: bool = True) 
     """The JSON-ready plan entry of one group."""
     members, seen = [], set()
     for p in group.params:
-        key = (param_key(p), p.dim)
+        key = (param_key(p), stored_dim(p))
         if key in seen:
             continue
         seen.add(key)
         idx = by_axis[(p.axis[0].name, p.axis[1])]
-        members.append({"param": key[0], "dim": p.dim, "role": p.role,
+        members.append({"param": key[0], "dim": key[1], "role": p.role,
                         "indices": [int(i) for i in idx], "attr": graph_path(p)})
     return {"group": group.id, "units": group.n_units, "removed_units": len(units),
             "removed_unit_ids": [int(u) for u in units], "exact": exact, "members": members}
@@ -235,12 +235,13 @@ def _fix_normalized_shape(view, new_size: dict) -> None:
 
 
 def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
-    """``x.view(b, 4, 16)``-style constants of the axes that shrank; -1 and sizes computed in
-    the graph stay as they are."""
+    """``x.view(b, 4, 16)``- and ``x.expand(b, 2, 2, s, d)``-style constants of the axes that
+    shrank (an expand's is the kv head count grouped-query attention repeats); -1 and sizes
+    computed in the graph stay as they are."""
     for node in gm.graph.nodes:
         view = op_of(node)
         so = shape(node)
-        if view.kind == "reshape" and so is not None:
+        if (view.kind == "reshape" or _is_expand(node)) and so is not None:
             changed = {k: new_size[(node.name, k)] for k in range(len(so))
                        if (node.name, k) in new_size}
             if not changed:
@@ -259,6 +260,13 @@ def _fix_shape_constants(gm: fx.GraphModule, new_size: dict) -> None:
             node.args = tuple(args)
         elif view.kind in ("split", "chunk"):
             _fix_pieces(node, view, new_size)
+
+
+def _is_expand(node: fx.Node) -> bool:
+    """``x.expand(*sizes)`` / ``aten.expand``: sizes like a reshape's (not ``repeat`` counts,
+    nor ``expand_as``, which takes a tensor)."""
+    target = node.target if isinstance(node.target, str) else str(node.target)
+    return target == "expand" or target.startswith("aten.expand.")
 
 
 def _fix_pieces(node: fx.Node, view, new_size: dict) -> None:
