@@ -9,7 +9,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 import fxopt.progress
 from fxopt.errors import PassError
-from fxopt.graph_utils import annotate
+from fxopt.graph_utils import annotate, copy_graph_module
 from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.prune.groups import graph_path, groups, param_key
@@ -113,7 +112,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         total = _macs(gm)
 
         def macs_after(r: float) -> int:
-            trial = copy.deepcopy(gm)  # same node names, so the same groups in order
+            trial = copy_graph_module(gm)  # same node names, so the same groups in order
             shrink(trial, [g for g in groups(trial, skip=skip, hidden=hidden) if g.prunable],
                    pick(r))
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
@@ -126,7 +125,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     if not any(len(r) for r in removed):
         return PassResult(gm, False, stats | {"plan": []})
     copied = time.perf_counter()
-    twin = copy.deepcopy(gm)  # verification and the report, not counted in ``seconds``
+    twin = copy_graph_module(gm)  # verification and the report, not counted in ``seconds``
     layers_before, totals_before = layer_counts(gm), totals(gm)
     widths = _producer_widths(gm, chosen)
     start += time.perf_counter() - copied
@@ -170,7 +169,7 @@ def _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, progress):
     masked copy (the units removed so far zeroed in every member), keeps them removed and
     removes more up to ``ratio * k / steps``; returns the units per group and how many each
     step added."""
-    work = copy.deepcopy(gm)  # same node names, so the same groups in order
+    work = copy_graph_module(gm)  # same node names, so the same groups in order
     mirror = [g for g in groups(work, skip=skip, hidden=hidden) if g.prunable]
     if [g.n_units for g in mirror] != [g.n_units for g in chosen]:
         raise PassError("prune: steps= found other channel groups on a copy of the graph; "

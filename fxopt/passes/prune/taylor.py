@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 import fxopt.progress
 from fxopt.errors import PassError
+from fxopt.graph_utils import copy_graph_module
 from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.prune.groups import Group, graph_path
 
@@ -58,7 +58,7 @@ def taylor_scores(groups: list[Group], gm: fx.GraphModule, batches: list[tuple],
                   progress=None) -> list[np.ndarray]:
     """Per group, per unit: ``sum over batches and weights of |w * dL/dw|`` (see the module
     docstring for the loss); ``gm`` is never modified (gradients flow in a copy)."""
-    work = copy.deepcopy(gm)
+    work = copy_graph_module(gm)
     leaves: dict[str, torch.Tensor] = {}
     for g in groups:
         for p in g.params:

@@ -13,12 +13,11 @@ Example::
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from fxopt.errors import PassError
+from fxopt.graph_utils import copy_graph_module
 from fxopt.ops import _set_path, fetch_attr
 from fxopt.verify import EXACT, compare_outputs
 
@@ -51,7 +50,7 @@ def zero_consumers(module: nn.Module, plan: list[dict], key: str = "param") -> n
 
 def masked_twin(module: nn.Module, plan: list[dict]) -> nn.Module:
     """A deep copy of ``module`` with the consumer slices of ``plan`` zeroed."""
-    return zero_consumers(copy.deepcopy(module), plan)
+    return zero_consumers(copy_graph_module(module), plan)
 
 
 def check_twin(pruned: nn.Module, twin: nn.Module, inputs: tuple) -> float:
