@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxopt.cli_bench import add_parser as add_bench_parser
 from fxopt.errors import FxoptError, SpecError
 from fxopt.passes.prune.report import plot_kept, prune_table
 from fxopt.passes.sparsify import sparsity_table
@@ -409,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(fn=cmd_check_trt)
 
+    add_bench_parser(sub)
     sub.add_parser("passes", help="list registered passes and named pipelines").set_defaults(
         fn=cmd_passes)
     sub.add_parser("zoo", help="list built-in models").set_defaults(fn=cmd_zoo)

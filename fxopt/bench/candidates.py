@@ -49,8 +49,9 @@ class Candidate:
     pipeline text run first (``None``: the model as given); ``baseline``: ``None`` or a
     peer built without fxopt (``BASELINES``: the plain ``torch.onnx.export``, ONNX
     Runtime's ``quantize_static`` / ``quantize_dynamic`` of it); ``options``: sorted
-    ``(name, value)`` pairs (``threads``: ONNX Runtime intra-op threads; for TensorRT,
-    ``lower`` options).
+    ``(name, value)`` pairs (``threads``: ONNX Runtime intra-op threads;
+    ``dynamic_batch``: a baseline's plain export with a symbolic batch dimension; for
+    TensorRT, ``lower`` options).
 
     Example::
 
@@ -317,17 +318,18 @@ def _fingerprint(model: nn.Module, inputs: tuple) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _plain(model: nn.Module, inputs: tuple, workdir: Path) -> tuple[Path, float, bool]:
+def _plain(model: nn.Module, inputs: tuple, workdir: Path, dynamic_batch: bool
+           ) -> tuple[Path, float, bool]:
     """The plain export, shared by the baselines of one workdir (its export time is kept
     beside it, so every baseline's build time includes it)."""
     from fxopt.bench.onnx_runtime import plain_export
 
-    sig = _fingerprint(model, inputs)
+    sig = _fingerprint(model, inputs) + ("-dynamic" if dynamic_batch else "")
     path, meta = workdir / f"plain-export-{sig}.onnx", workdir / f"plain-export-{sig}.json"
     if path.is_file() and meta.is_file():
         return path, json.loads(meta.read_text())["export_s"], True
     start = time.perf_counter()
-    plain_export(model, inputs, path)
+    plain_export(model, inputs, path, dynamic_batch=dynamic_batch)
     export_s = time.perf_counter() - start
     meta.write_text(json.dumps({"export_s": export_s}))
     return path, export_s, False
@@ -344,7 +346,8 @@ def _build_onnx(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
         gm = _optimized(cand, model, inputs, calibration)
         fxopt.lower(gm, "onnx", inputs, path=path, tolerance=LOOSE)
     else:
-        plain, info["plain_export_s"], info["plain_reused"] = _plain(model, inputs, workdir)
+        plain, info["plain_export_s"], info["plain_reused"] = _plain(
+            model, inputs, workdir, bool(cand.option("dynamic_batch")))
         if cand.baseline == "plain-export":
             path = plain
         elif cand.baseline == "ort-quantize-static":

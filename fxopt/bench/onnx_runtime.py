@@ -105,10 +105,12 @@ class OrtRunner:
         return f"OrtRunner({str(self.path)!r})"
 
 
-def plain_export(model: torch.nn.Module, inputs: Sequence[Any], path: str | os.PathLike) -> Path:
+def plain_export(model: torch.nn.Module, inputs: Sequence[Any], path: str | os.PathLike, *,
+                 dynamic_batch: bool = False) -> Path:
     """``torch.onnx.export(model, inputs, path)`` with torch's defaults (the
     torch.export-based exporter, static shapes), its console output silenced: the peer
-    every fxopt file is compared with.
+    every fxopt file is compared with. ``dynamic_batch`` makes dimension 0 of every input
+    symbolic (``dynamic_axes``), for validation batches of another size.
 
     Example::
 
@@ -117,8 +119,12 @@ def plain_export(model: torch.nn.Module, inputs: Sequence[Any], path: str | os.P
     from fxopt.lowering.onnx_export import quiet
 
     path = Path(path)
+    kw: dict[str, Any] = {}
+    if dynamic_batch:
+        names = [f"input_{i}" for i in range(len(inputs))]
+        kw = {"input_names": names, "dynamic_axes": {n: {0: "batch"} for n in names}}
     with quiet(), torch.no_grad():
-        torch.onnx.export(model, tuple(inputs), str(path))
+        torch.onnx.export(model, tuple(inputs), str(path), **kw)
     return path
 
 

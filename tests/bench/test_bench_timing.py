@@ -14,7 +14,7 @@ from torch import nn
 
 from fxopt.bench import Comparison, LatencyStats, compare_latency, measure_latency, threads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny() -> tuple[nn.Module, tuple]:
