@@ -6,30 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+from fxopt.bench import candidates as _candidates
+from fxopt.bench import onnx_runtime as _ort
+from fxopt.bench import report as _report
 
-if TYPE_CHECKING:
-    import onnxruntime as ort
+# the ONNX Runtime session options, feeds, machine line and error text live in fxopt.bench
+# (``fxopt bench`` needs them too); these names are what the scripts here import
+machine = _report.machine
+ort_options = _ort.session_options
+ort_session = _ort.session
+ort_feeds = _ort.ort_feeds
 
 
-def machine() -> str:
-    """CPU model name and count, e.g. ``"AMD EPYC 7B13, 2 CPUs"``."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters."""
+    return _candidates.error_text(e, limit)
 
 
 def load_average() -> float:
@@ -40,42 +37,6 @@ def load_average() -> float:
 def cell(text: str) -> str:
     """``text`` made safe for one markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def short_error(e: BaseException, limit: int = 160) -> str:
-    """``Type: message`` on one line, cut to ``limit`` characters."""
-    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def ort_options(threads: int, optimized_path: Path | None = None) -> ort.SessionOptions:
-    """The session options every file in a comparison gets: ORT_ENABLE_ALL, ``threads``
-    intra-op threads, one inter-op thread; optionally saving the optimized graph."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
-    return opts
-
-
-def ort_session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
-    """A CPU session on ``path``."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_feeds(session: ort.InferenceSession, inputs: tuple) -> dict[str, np.ndarray]:
-    """``inputs`` (torch tensors) as the session's named numpy feeds."""
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise RuntimeError(f"the file takes {len(names)} inputs, the model {len(inputs)}")
-    return {n: x.detach().contiguous().numpy() for n, x in zip(names, inputs)}
 
 
 def spread(values: Sequence[float]) -> str:

@@ -70,18 +70,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 import fxopt
 from fxopt import zoo
-from fxopt.bench import compare_latency
+from fxopt.bench import calibration_batches, compare_latency
+from fxopt.bench.onnx_runtime import ort_quantize_static
 from fxopt.lowering.onnx_export import quiet
 from fxopt.verify import QUANTIZED, Tolerance, compare_outputs
 
@@ -151,46 +145,14 @@ def _batch_dim(path: Path) -> str:
 
 
 def _images_like(inputs: tuple, count: int, seed: int) -> list[tuple]:
-    """``count`` batches shaped like the example inputs: the zoo's random images for image
-    inputs, standard normal for other float inputs, the example itself for the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        batch = []
-        for x in inputs:
-            if x.is_floating_point() and x.dim() == 4 and x.shape[1] == 3:
-                batch.append(zoo._random_images(x.shape[0], x.shape[-1], gen))
-            elif x.is_floating_point():
-                batch.append(torch.randn(x.shape, generator=gen))
-            else:
-                batch.append(x)
-        out.append(tuple(batch))
-    return out
-
-
-class _Reader(CalibrationDataReader):
-    """ORT's calibration reader over the same batches fxopt calibrates on."""
-
-    def __init__(self, names: list[str], batches: list[tuple]):
-        self._it = iter([{n: x.numpy() for n, x in zip(names, b)} for b in batches])
-
-    def get_next(self) -> dict | None:
-        return next(self._it, None)
+    """``count`` batches shaped like the example inputs (``fxopt.bench.calibration_batches``:
+    the zoo's random images for image inputs)."""
+    return calibration_batches(inputs, count, seed)
 
 
 def _ort_quantize(fp32: Path, out: Path, tmp: Path, batches: list[tuple]) -> bool:
     """quant_pre_process + quantize_static; returns whether pre-processing was used."""
-    names = [i.name for i in ort_session(fp32, ort_options(1)).get_inputs()]
-    pre = tmp / f"{fp32.stem}.pre.onnx"
-    try:
-        quant_pre_process(str(fp32), str(pre))
-        source, pre_ok = pre, True
-    except Exception:
-        source, pre_ok = fp32, False
-    quantize_static(str(source), str(out), _Reader(names, batches),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return pre_ok
+    return ort_quantize_static(fp32, out, batches, workdir=tmp)
 
 
 def _fxopt_quantize(model: nn.Module, inputs: tuple, batches: list[tuple], path: Path,

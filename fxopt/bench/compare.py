@@ -123,8 +123,8 @@ def _call(fn: Callable[..., Any], inputs: tuple) -> Any:
 
 
 def _dynamic_batch(c: Candidate) -> Candidate:
-    """A baseline whose plain export takes any batch size (fxopt's exports already do)."""
-    if c.baseline is None or c.option("dynamic_batch") is not None:
+    """An ONNX candidate whose file takes any batch size (the default is static)."""
+    if c.runtime != "onnx" or c.option("dynamic_batch") is not None:
         return c
     return replace(c, options=tuple(sorted((*c.options, ("dynamic_batch", True)))))
 
