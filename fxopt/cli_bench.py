@@ -105,6 +105,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SpecError("give a model SPEC (zoo name, file.py:factory) or --zoo")
     for flag, value, low in (("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0),
                              ("--threads", args.threads, 1), ("--batch", args.batch, 1),
+                             ("--build-threads", args.build_threads, 1),
                              ("--calibration-batches", args.calibration_batches, 1)):
         if value is not None and value < low:
             raise SpecError(f"{flag} must be >= {low}, got {value}")
@@ -131,7 +132,8 @@ def _one(spec: str, args: argparse.Namespace, out_dir: Path, candidates: list | 
     res = fxopt.bench.compare(
         model, inputs, candidates, rounds=args.rounds, warmup=args.warmup,
         threads=args.threads, batch=args.batch, calibration=calibration,
-        out_dir=out_dir, compile=args.compile, name=name, progress=_say, **extra)
+        out_dir=out_dir, compile=args.compile, build_threads=args.build_threads, name=name,
+        progress=_say, **extra)
     print(res.table())
     print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'}, {out_dir / 'table.txt'}")
     return res
@@ -193,6 +195,9 @@ def add_parser(sub: Any) -> None:
                    help=f"untimed calls per candidate before timing (default {DEFAULT_WARMUP})")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads "
                    "(default: torch's default here)")
+    p.add_argument("--build-threads", type=int, default=1, metavar="N",
+                   help="torch threads while building (export, calibration; default 1, "
+                        "which is fastest on a small shared machine)")
     p.add_argument("--batch", type=int, help="batch size (example rows repeated; default: "
                    "the example inputs' own)")
     p.add_argument("--compile", action="store_true",

@@ -158,12 +158,13 @@ def compare(
     calibration: Sequence | None = None,
     out_dir: str | os.PathLike | None = None,
     compile: bool = False,
+    build_threads: int | None = 1,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Build and measure ``candidates`` (default: ``default_candidates``) side by side.
 
-    All of it runs under ``threads`` torch threads, and every ONNX Runtime session gets the
+    Timing runs under ``threads`` torch threads, and every ONNX Runtime session gets the
     same number of intra-op threads (default: torch's current count). ``batch`` resizes
     the example inputs first (rows repeated). Accuracy is each candidate's agreement with
     the model on the inputs (cosine, max relative error) and, with ``val_data`` (batches of
@@ -171,7 +172,10 @@ def compare(
     metric on it. ``calibration``: batches for the static int8 candidates (default: random
     batches like the inputs). Timing: ``warmup`` calls each, then ``rounds`` interleaved
     rounds; median and p10/p90 per call, speed-up = torch median / candidate median with
-    the per-round min/max, the noise in ``BenchResult.noise``. With ``out_dir`` the
+    the per-round min/max, the noise in ``BenchResult.noise``. Building (export,
+    calibration, compilation) runs on ``build_threads`` torch threads (default 1: on a
+    small shared machine, OpenMP workers spin-waiting against other processes make a
+    multi-threaded export many times slower; ``None`` keeps ``threads``). With ``out_dir`` the
     artifacts are kept in ``out_dir/artifacts`` and bench.json, bench.png and table.txt
     are written there.
 
@@ -184,8 +188,9 @@ def compare(
         raise SpecError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
     if (val_data is None) != (metric is None):
         raise SpecError("val_data and metric go together: pass both or neither")
-    if threads is not None and threads < 1:
-        raise SpecError(f"threads must be >= 1, got {threads}")
+    for what, n in (("threads", threads), ("build_threads", build_threads)):
+        if n is not None and n < 1:
+            raise SpecError(f"{what} must be >= 1, got {n}")
     say = progress or (lambda msg: None)
     inputs = with_batch(inputs, batch)
     model = model.eval()
@@ -204,8 +209,9 @@ def compare(
             builts, accuracy = [], {}
             for cand in chosen:
                 say(f"building {cand.name}")
-                b = build(cand, model, inputs, workdir=workdir, calibration=calibration,
-                          threads=n_threads)
+                with _threads(build_threads):
+                    b = build(cand, model, inputs, workdir=workdir, calibration=calibration,
+                              threads=n_threads)
                 if b.ok:
                     try:
                         accuracy[cand.name] = agreement(reference, _call(b.fn, inputs))
@@ -222,7 +228,8 @@ def compare(
         "model": name or type(model).__name__,
         "inputs": [f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
                    for x in inputs if isinstance(x, torch.Tensor)],
-        "batch": _batch_of(inputs), "threads": n_threads, "rounds": rounds, "warmup": warmup,
+        "batch": _batch_of(inputs), "threads": n_threads, "build_threads": build_threads,
+        "rounds": rounds, "warmup": warmup,
         "repeat": REPEAT, "min_time_s": MIN_TIME_S, "reference_metric": ref_metric,
         "seconds": time.perf_counter() - started, **_versions(),
     }

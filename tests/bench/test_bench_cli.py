@@ -73,6 +73,7 @@ def test_list_candidates(capsys):
     (["bench", "mlp", "--candidates", ","], "--candidates is empty"),
     (["bench", "mlp", "--rounds", "0"], "--rounds must be >= 1"),
     (["bench", "mlp", "--batch", "0"], "--batch must be >= 1"),
+    (["bench", "mlp", "--build-threads", "0"], "--build-threads must be >= 1"),
     (["bench", "mlp", "--metric", "x.py:f"], "go together"),
     (["bench", "--zoo", "--input-shape", "1,3"], "zoo model's own inputs"),
     (["bench", "mlp", "--val-data", "nofile.py:v", "--metric", "nofile.py:m"],

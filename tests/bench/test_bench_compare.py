@@ -69,8 +69,8 @@ def test_json_file_follows_the_schema(result):
     res, out = result
     data = json.loads((out / "bench.json").read_text())
     assert data["schema"] == SCHEMA_VERSION
-    assert {"model", "inputs", "batch", "threads", "rounds", "warmup", "machine",
-            "torch"} <= set(data["settings"])
+    assert {"model", "inputs", "batch", "threads", "build_threads", "rounds", "warmup",
+            "machine", "torch"} <= set(data["settings"])
     assert set(data["pareto"]) <= set(FOUR) and data["pareto"]
     assert {"worst_round_spread", "per_candidate", "load_before"} <= set(data["noise"])
     assert set(data["noise"]["per_candidate"]) == set(FOUR)
@@ -129,6 +129,7 @@ def test_user_metric_on_validation_data(tmp_path):
     ({"candidates": []}, "no candidates"),
     ({"rounds": 0}, "rounds"),
     ({"threads": 0}, "threads"),
+    ({"build_threads": 0}, "build_threads"),
     ({"metric": lambda o, t: 1.0}, "go together"),
 ])
 def test_bad_arguments_are_spec_errors(kwargs, words, tmp_path):
