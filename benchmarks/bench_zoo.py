@@ -37,18 +37,23 @@ SECTION = "bench-zoo"
 BUDGET = 0.99
 
 
-def _run(args: list[str], flags: list[str]) -> float:
-    """``python -m fxopt.cli bench *args *flags`` in a fresh process; its wall seconds."""
+def _run(args: list[str], flags: list[str]) -> tuple[float, float]:
+    """``python -m fxopt.cli bench *args *flags`` in a fresh process: its wall seconds and
+    CPU seconds (user + system; on a shared machine the wall time depends on the load)."""
+    import resource
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fxopt.cli", "bench", *args, *flags],
                           env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(proc.stdout)
     if proc.returncode != 0:
         raise SystemExit(f"fxopt bench {' '.join(args)} failed (exit {proc.returncode})")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _cellof(row: dict) -> str:
@@ -69,7 +74,8 @@ def _best(rows: list[dict]) -> str:
     return f"{r['name']} ({r['speedup']:.2f}x)"
 
 
-def section(results: dict[str, dict], commands: list[tuple[str, float]], load: tuple) -> str:
+def section(results: dict[str, dict], commands: list[tuple[str, tuple[float, float]]],
+            load: tuple) -> str:
     names = []
     for data in results.values():
         for r in data["rows"]:
@@ -82,7 +88,8 @@ def section(results: dict[str, dict], commands: list[tuple[str, float]], load: t
     lines = [
         "## `fxopt bench` over the zoo: every artifact side by side",
         "",
-        *[f"`{cmd}`: {sec:.0f} s wall, end to end in a fresh process" for cmd, sec in commands],
+        *[f"`{cmd}`: {sec:.0f} s wall ({cpu:.0f} s CPU), end to end in a fresh process  "
+          for cmd, (sec, cpu) in commands],
         "",
         f"Machine: {machine()}; torch {first.get('torch')}, onnxruntime "
         f"{first.get('onnxruntime')}; {first['threads']} threads (torch and ONNX Runtime "
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         for what, models in jobs:
             dest = out if what == ["--zoo"] else out / what[0]
             seconds = _run([*what, "-o", str(dest)], flags)
+            print(f"  {' '.join(what)}: {seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU, "
+                  f"load {load_average():.2f}", file=sys.stderr, flush=True)
             commands.append((" ".join(["fxopt bench", *what, *flags]), seconds))
             for m in models:
                 results[m] = json.loads((out / m / "bench.json").read_text())
