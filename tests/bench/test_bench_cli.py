@@ -85,3 +85,23 @@ def test_mistakes_are_typed_errors_without_files(argv, words, tmp_path, capsys):
     assert main([*argv, "-o", str(out)]) == 2
     assert words in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_bench_zoo_writes_one_folder_per_model_and_a_summary(tmp_path, monkeypatch, capsys):
+    from fxopt import zoo
+
+    monkeypatch.setattr(zoo, "names", lambda include_heavy=False: ["mlp", "gqa"])
+    out = tmp_path / "zoo"
+    assert main(["bench", "--zoo", "--candidates", "torch,ort-fxopt-fp32", "-o", str(out),
+                 *FAST]) == 0
+    summary = json.loads((out / "zoo.json").read_text())
+    assert [m["settings"]["model"] for m in summary["models"]] == ["mlp", "gqa"]
+    assert summary["seconds"] > 0 and summary["cpu_seconds"] > 0
+    for name in ("mlp", "gqa"):
+        assert_png(out / name / "bench.png")
+        rows = json.loads((out / name / "bench.json").read_text())["rows"]
+        assert [r["name"] for r in rows] == ["torch", "ort-fxopt-fp32"]
+    assert "benchmarked 2 zoo models" in capsys.readouterr().out
+    # a bad candidate name fails before the first model is built
+    assert main(["bench", "--zoo", "--candidates", "torch,nope", "-o", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
