@@ -109,10 +109,14 @@ def section(results: dict[str, dict], commands: list[tuple[str, tuple[float, flo
         "(same calibration batches). "
         + (f"Not shown: {', '.join(all_skipped)} (skipped everywhere: "
            f"{_why(results, all_skipped[0])}). " if all_skipped else "")
-        + f"*best*: the fastest candidate whose cosine is >= {BUDGET}.",
+        + f"*best*: the fastest candidate whose cosine is >= {BUDGET}. *noise*: the largest "
+        "spread of one candidate's per-round medians (max - min) / median; *load*: the "
+        "1-minute load average when that model finished (2 CPUs: above ~2, other processes "
+        "compete for the cores and multi-threaded kernels stall).",
         "",
-        "| model | batch | eager ms | " + " | ".join(shown) + " | best at cosine >= 0.99 |",
-        "|---|---:|---:|" + "---:|" * len(shown) + "---|",
+        "| model | batch | eager ms | " + " | ".join(shown)
+        + " | best at cosine >= 0.99 | noise | load |",
+        "|---|---:|---:|" + "---:|" * len(shown) + "---|---:|---:|",
     ]
     failures = []
     for model, data in results.items():
@@ -121,7 +125,8 @@ def section(results: dict[str, dict], commands: list[tuple[str, tuple[float, flo
         cells = [_cellof(rows[n]) if n in rows else "" for n in shown]
         lines.append(f"| {model} | {data['settings']['batch']} | "
                      f"{'' if eager is None else f'{eager:.3f}'} | " + " | ".join(cells)
-                     + f" | {_best(data['rows'])} |")
+                     + f" | {_best(data['rows'])} | {_noise(data)} "
+                     f"| {_fmt(data['noise'].get('load_after'))} |")
         failures += [f"{model} {r['name']}: {cell(r['error'] or '?')}" for r in data["rows"]
                      if r["status"] == "failed"]
     if failures:
@@ -129,6 +134,15 @@ def section(results: dict[str, dict], commands: list[tuple[str, tuple[float, flo
     lines += ["", "Plots (latency vs 1 - cosine, Pareto front in red): "
               + ", ".join(f"[{m}](bench_{m}.png)" for m in results) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _noise(data: dict) -> str:
+    spread = data["noise"].get("worst_round_spread")
+    return "" if spread is None else f"{100 * spread:.0f}%"
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
 
 
 def _why(results: dict, name: str) -> str:

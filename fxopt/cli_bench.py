@@ -21,6 +21,10 @@ from fxopt.errors import SpecError
 
 # defaults chosen so that `fxopt bench --zoo` stays under 5 minutes on a 2-core machine
 DEFAULT_ROUNDS, DEFAULT_WARMUP = 3, 2
+# one thread: with torch's default (every core) on a loaded 2-core machine, OpenMP workers
+# spin-wait against other processes and eager calls slow down 10-100x (measured: --zoo
+# 383 s wall at load 6.5 with 2 threads, 209 s with 1)
+DEFAULT_THREADS = 1
 
 
 def _say(msg: str) -> None:
@@ -193,8 +197,10 @@ def add_parser(sub: Any) -> None:
                    help=f"interleaved timing rounds (default {DEFAULT_ROUNDS})")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help=f"untimed calls per candidate before timing (default {DEFAULT_WARMUP})")
-    p.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads "
-                   "(default: torch's default here)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch and ONNX Runtime intra-op threads while timing (default "
+                        f"{DEFAULT_THREADS}: reproducible on a shared machine; give the "
+                        "deployment's count, e.g. --threads 8)")
     p.add_argument("--build-threads", type=int, default=1, metavar="N",
                    help="torch threads while building (export, calibration; default 1, "
                         "which is fastest on a small shared machine)")
