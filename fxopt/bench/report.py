@@ -237,12 +237,18 @@ class BenchResult:
             return getattr(r, key) if key == "metric" else max(1.0 - r.cosine, 1e-9)
 
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-        for r in rows:
+        placed: list[tuple[float, float]] = []
+        for r in sorted(rows, key=lambda r: (y_of(r), r.median_ms)):
             on = r.name in front
-            ax.scatter(r.median_ms, y_of(r), s=60 if on else 30,
-                       color="tab:red" if on else "tab:blue", zorder=3)
-            ax.annotate(r.name, (r.median_ms, y_of(r)), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            x, y = r.median_ms, y_of(r)
+            ax.scatter(x, y, s=60 if on else 30, color="tab:red" if on else "tab:blue",
+                       zorder=3)
+            # labels of near-coincident points (ties) are stacked instead of overprinted
+            near = sum(1 for px, py in placed if abs(math.log(px / x)) < 0.15
+                       and (py == y or (key != "metric" and abs(math.log(py / y)) < 0.5)))
+            placed.append((x, y))
+            ax.annotate(r.name, (x, y), textcoords="offset points",
+                        xytext=(5, 4 + 10 * near), fontsize=8)
         pts = sorted((r.median_ms, y_of(r)) for r in rows if r.name in front)
         if len(pts) > 1:
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red",
