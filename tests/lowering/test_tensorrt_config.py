@@ -220,8 +220,8 @@ def test_v10_fp16_flag_on_a_qdq_graph_also_sets_int8():
 @pytest.mark.parametrize("requested", ["fp16", "bf16"])
 @pytest.mark.parametrize("graph", [FP32, INT8])
 def test_v11_refuses_a_precision_the_graph_does_not_carry(graph, requested):
-    with pytest.raises(TrtPrecisionError, match=rf"TensorRT 11 removed BuilderFlag.{requested.upper()}"
-                       r".*will not build fp32.*half"):
+    match = rf"TensorRT 11 removed BuilderFlag.{requested.upper()}.*will not build fp32.*half"
+    with pytest.raises(TrtPrecisionError, match=match):
         cfg.decide_precision(graph, requested, 11)
 
 
