@@ -63,6 +63,7 @@ from fxopt.lowering.trt_runtime import (
     gpu_info,
     import_tensorrt,
     make_logger,
+    on_device,
 )
 from fxopt.lowering.versions import check_versions, running_fxopt
 from fxopt.progress import Mode, bar, stage
@@ -175,11 +176,13 @@ def lower(
         specs = onnx_inputs(model)
         profiles = derive_profiles(specs, groups or None)
         plan = decide_precision(graph_precision(model), precision, version)
+        _check_example_fits(specs, inputs, profiles)
         findings = _check(onnx_file, version, groups)
         prepared, prep = _prepare(onnx_file, specs, inputs, version, Path(td) / "prepared.onnx")
         start = time.perf_counter()
-        engine, logger, cache_out = _build(trt, prepared, profiles, plan, pool, level, cache,
-                                           progress)
+        with on_device(dev):
+            engine, logger, cache_out = _build(trt, prepared, profiles, plan, pool, level,
+                                               cache, progress)
         build_s = time.perf_counter() - start
     input_spec = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
     runner = TrtRunner(trt, engine, dev, dest.name, input_spec)
@@ -216,6 +219,20 @@ def _export(gm, inputs, onnx_file, dynamic, dynamic_dims, groups, opset, exporte
     return onnx_backend.lower(gm, inputs, path=onnx_file, dynamic=dynamic,
                               dynamic_dims=dynamic_dims, dim_bounds=bounds, exporter=exporter,
                               **options)
+
+
+def _check_example_fits(specs: list, inputs: tuple, profiles: list) -> None:
+    """The engine is verified on the example inputs, so one profile must contain them."""
+    shapes = [list(x.shape) for x in inputs]
+    if not profiles or any(all(p[s.name]["min"][d] <= size <= p[s.name]["max"][d]
+                               for s, shape in zip(specs, shapes) for d, size in enumerate(shape))
+                           for p in profiles):
+        return
+    sizes = {str(n): shape[d] for s, shape in zip(specs, shapes)
+             for d, n in enumerate(s.shape) if isinstance(n, str)}
+    raise LoweringError(f"the example inputs ({', '.join(f'{k}={v}' for k, v in sizes.items())}"
+                        ") lie outside every optimization profile of dim_bounds; widen the "
+                        "bounds to include them (the engine is verified on them)")
 
 
 def _check(onnx_file: Path, version: int, groups: list) -> list[dict]:

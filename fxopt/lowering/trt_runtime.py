@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,6 +176,11 @@ def _profile_ranges(engine: Any, name: str, shape: tuple[int, ...]):
         yield tuple(zip(lo, hi))
 
 
+def on_device(device: torch.device) -> Any:
+    """``with on_device(dev):`` makes ``dev`` torch's (and so TensorRT's) current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -199,7 +205,8 @@ class TrtRunner:
         self.trt, self.device, self.where = trt, device, where
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(bytes(plan))
+        with on_device(device):
+            self.engine = self.runtime.deserialize_cuda_engine(bytes(plan))
         if self.engine is None:
             errors = "; ".join(self.logger.of("ERROR", "INTERNAL_ERROR"))[:600]
             raise LoweringError(
@@ -207,7 +214,8 @@ class TrtRunner:
                 f"({errors or 'no reason given'}): it was built by another TensorRT release or "
                 "for another GPU, or it is damaged; rebuild it here with "
                 "fxopt.lower(gm, 'tensorrt', ...)")
-        self.context = self.engine.create_execution_context()
+        with on_device(device):
+            self.context = self.engine.create_execution_context()
         self.inputs, self.outputs = engine_io(trt, self.engine)
         self.specs = list(specs) if specs else [
             {"name": t.name, "dtype": str(t.dtype).removeprefix("torch."),
@@ -249,6 +257,10 @@ class TrtRunner:
                        else x for x in inputs)
         profile = self.check(inputs)
         on_gpu = any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs)
+        with on_device(self.device):
+            return self._run(inputs, profile, on_gpu)
+
+    def _run(self, inputs: tuple, profile: int, on_gpu: bool) -> list[torch.Tensor]:
         stream = _stream_handle(self.device)
         ctx = self.context
         if profile != self.profile:
@@ -284,4 +296,4 @@ def _fits(shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...]) -> bool:
 
 
 __all__ = ["TORCH_DTYPES", "TensorIO", "TrtRunner", "check_compatible", "cuda_device",
-           "engine_io", "gpu_info", "import_tensorrt", "make_logger"]
+           "engine_io", "gpu_info", "import_tensorrt", "make_logger", "on_device"]

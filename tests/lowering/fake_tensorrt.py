@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import json
 import types
 
@@ -39,6 +40,8 @@ def make(version: str = "10.7.0.23") -> types.ModuleType:
     """A fresh fake ``tensorrt`` module reporting ``version``."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    # importlib.util.find_spec("tensorrt") (torch asks it) needs a spec on a module in sys.modules
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     major = int(version.split(".")[0])
     trt.calls = []
     trt.parse_errors = []
@@ -191,6 +194,7 @@ def make(version: str = "10.7.0.23") -> types.ModuleType:
             record("build", network.flags, sorted(f.name for f in config.flags),
                    config.builder_optimization_level, len(config.profiles))
             m = config.progress_monitor
+            record("progress_monitor", type(m).__name__ if m is not None else None)
             if m is not None:
                 m.phase_start("Building engine", None, 2)
                 for step in range(2):

@@ -47,6 +47,7 @@ def test_lower_builds_verifies_writes_and_loads(monkeypatch, tmp_path, mlp):
     assert calls(trt, "set_shape") == [("input", [1, 8], [4, 8], [8, 8])]
     (build,) = calls(trt, "build")
     assert build == (0, [], 2, 1)  # flags, builder flags left set, level, profiles
+    assert calls(trt, "progress_monitor") == [("_Monitor",)]  # tqdm bars per build phase
     # verified on the example inputs and at the profile's min and max
     assert [s for _, s in calls(trt, "set_input_shape")] == [(2, 8), (1, 8), (8, 8)]
     m = json.loads((tmp_path / "m.engine.json").read_text())
@@ -209,6 +210,8 @@ def test_timing_cache_is_created_reused_and_replaced(monkeypatch, tmp_path, mlp)
     ({"optimization_level": 9}, TrtConfigError, "optimization_level"),
     ({"precision": "fp64"}, LoweringError, "precision='fp64'"),
     ({"dim_bounds": {"batch": (4, 2, 8)}}, LoweringError, "min <= opt <= max"),
+    ({"dim_bounds": {"batch": (4, 4, 8)}}, LoweringError, r"example inputs \(batch=2\) lie "
+                                                          "outside every optimization profile"),
 ])
 def test_option_mistakes_are_typed_and_write_nothing(monkeypatch, tmp_path, mlp, kw, error,
                                                      match):
