@@ -243,3 +243,17 @@ def test_rebuild_replaces_our_own_engine_and_save_copies(monkeypatch, tmp_path, 
     copy = art.save(tmp_path / "backup" / "m.plan")
     assert (tmp_path / "backup" / "m.plan.json").is_file()
     torch.testing.assert_close(copy(x), gm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_optimize_to_tensorrt(monkeypatch, tmp_path, capsys):
+    from fxopt.cli import main
+
+    trt = install(monkeypatch)
+    out = tmp_path / "mlp.engine"
+    code = main(["optimize", "mlp", "--target", "tensorrt", "-o", str(out), "--bound",
+                 "batch=1,4,8", "--workspace", "256MiB", "--exporter", "torchscript"])
+    assert code == 0, capsys.readouterr().err
+    assert calls(trt, "set_memory_pool_limit") == [("WORKSPACE", 256 * 2**20)]
+    assert fxopt.load(out).manifest["profiles"][0]
+    code = main(["optimize", "mlp", "-o", str(tmp_path / "m"), "--workspace", "1GiB"])
+    assert code == 2 and "--workspace only apply to --target tensorrt" in capsys.readouterr().err
