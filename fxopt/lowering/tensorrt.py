@@ -177,8 +177,9 @@ def lower(
         profiles = derive_profiles(specs, groups or None)
         plan = decide_precision(graph_precision(model), precision, version)
         _check_example_fits(specs, inputs, profiles)
-        findings = _check(onnx_file, version, groups)
+        _check(onnx_file, version, groups, fixable=_PREPARE_FIXES)
         prepared, prep = _prepare(onnx_file, specs, inputs, version, Path(td) / "prepared.onnx")
+        findings = _check(prepared, version, groups)
         start = time.perf_counter()
         with on_device(dev):
             engine, logger, cache_out = _build(trt, prepared, profiles, plan, pool, level,
@@ -235,14 +236,20 @@ def _check_example_fits(specs: list, inputs: tuple, profiles: list) -> None:
                         "bounds to include them (the engine is verified on them)")
 
 
-def _check(onnx_file: Path, version: int, groups: list) -> list[dict]:
+# check-trt blockers the preparation rewrites away (int64 arithmetic run in int32); the
+# prepared graph is checked again, so one it could not fix still stops the build
+_PREPARE_FIXES = ("int64-compute",)
+
+
+def _check(onnx_file: Path, version: int, groups: list, fixable: tuple = ()) -> list[dict]:
     from fxopt.trt_check import check_trt
 
     bounds = groups[0] if groups else None
     report = check_trt(str(onnx_file), trt_version=version, dim_bounds=bounds)
-    if report.blockers:
+    blockers = [f for f in report.blockers if f.code not in fixable]
+    if blockers:
         rows = "; ".join(f"{f.node} ({f.op_type}): {f.message} - fix: {f.fix}"
-                         for f in report.blockers)
+                         for f in blockers)
         raise LoweringError(f"check-trt found what stops a TensorRT {version} build: {rows}")
     return [{"code": f.code, "node": f.node, "op_type": f.op_type, "message": f.message}
             for f in report.warnings]

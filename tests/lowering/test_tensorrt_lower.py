@@ -257,3 +257,30 @@ def test_cli_optimize_to_tensorrt(monkeypatch, tmp_path, capsys):
     assert fxopt.load(out).manifest["profiles"][0]
     code = main(["optimize", "mlp", "-o", str(tmp_path / "m"), "--workspace", "1GiB"])
     assert code == 2 and "--workspace only apply to --target tensorrt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blocked, builds", [("model.onnx", True), ("prepared.onnx", False)])
+def test_int64_blockers_get_a_second_check_after_preparation(monkeypatch, tmp_path, mlp,
+                                                            blocked, builds):
+    from fxopt import trt_check
+
+    gm, x = mlp
+    trt = install(monkeypatch)
+    real, checked = trt_check.check_trt, []
+
+    def int64_blocker(model, *a, **kw):
+        report = real(model, *a, **kw)
+        checked.append(str(model).rsplit("/", 1)[-1])
+        if str(model).endswith(blocked):
+            report.findings.append(trt_check.Finding(
+                "blocker", "int64-compute", "node_Add_3", "Add", "Add computes on INT64", "cast"))
+        return report
+
+    monkeypatch.setattr(trt_check, "check_trt", int64_blocker)
+    if builds:  # the preparation rewrites int64 arithmetic; its result is checked again
+        _lower(gm, x, tmp_path / "m.engine")
+    else:
+        with pytest.raises(LoweringError, match=r"node_Add_3 \(Add\): Add computes on INT64"):
+            _lower(gm, x, tmp_path / "m.engine")
+    assert checked == ["model.onnx", "prepared.onnx"]
+    assert bool(calls(trt, "build")) is builds
