@@ -282,5 +282,5 @@ def test_int64_blockers_get_a_second_check_after_preparation(monkeypatch, tmp_pa
     else:
         with pytest.raises(LoweringError, match=r"node_Add_3 \(Add\): Add computes on INT64"):
             _lower(gm, x, tmp_path / "m.engine")
-    assert checked == ["model.onnx", "prepared.onnx"]
+    assert checked[0] == "model.onnx" and checked[-1] == "prepared.onnx"
     assert bool(calls(trt, "build")) is builds
