@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from collections.abc import Sequence
@@ -119,7 +120,9 @@ def _logger_class(trt: ModuleType) -> type:
 
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.messages: list[tuple[str, str]] = []
+            # bounded: a runner's logger lives as long as its engine, and TensorRT may warn
+            # on every execute (e.g. about the default stream)
+            self.messages: collections.deque[tuple[str, str]] = collections.deque(maxlen=500)
 
         def log(self, severity: Any, msg: str) -> None:
             name = getattr(severity, "name", str(severity)).upper()
