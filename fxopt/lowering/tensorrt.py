@@ -416,12 +416,13 @@ def _random_inputs(inputs: tuple, shapes: list, seed: int) -> tuple:
     out = []
     for x, shape in zip(inputs, shapes):
         if x.is_floating_point():
-            out.append(torch.randn(shape, generator=gen).to(x.dtype))
+            r = torch.randn(shape, generator=gen).to(x.dtype)
         elif x.dtype == torch.bool:
-            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+            r = torch.randint(0, 2, shape, generator=gen).bool()
         else:
             lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
-            out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype))
+            r = torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype)
+        out.append(r.to(x.device))  # where the GraphModule runs
     return tuple(out)
 
 
