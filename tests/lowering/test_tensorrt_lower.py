@@ -30,9 +30,9 @@ def mlp():
     return fxopt.capture(model, (x,)), x
 
 
-def _lower(gm, x, path, **kw):
+def _lower(gm, x, path, inputs=None, **kw):
     kw.setdefault("exporter", "torchscript")
-    return fxopt.lower(gm, "tensorrt", (x,), path=path, **kw)
+    return fxopt.lower(gm, "tensorrt", inputs or (x,), path=path, **kw)
 
 
 def test_lower_builds_verifies_writes_and_loads(monkeypatch, tmp_path, mlp):
@@ -284,3 +284,34 @@ def test_int64_blockers_get_a_second_check_after_preparation(monkeypatch, tmp_pa
             _lower(gm, x, tmp_path / "m.engine")
     assert checked[0] == "model.onnx" and checked[-1] == "prepared.onnx"
     assert bool(calls(trt, "build")) is builds
+
+
+class _Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids, scale):
+        return self.emb(ids).sum(1) * scale
+
+
+def test_named_dynamic_dims_become_profile_dims(monkeypatch, tmp_path):
+    ids, scale = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.ones(2, 1)
+    gm = fxopt.capture(_Seq().eval(), (ids, scale))
+    trt = install(monkeypatch)
+    art = _lower(gm, ids, tmp_path / "s.engine", dynamic_dims={"ids": {1: "seq"}},
+                 dim_bounds={"batch": (1, 2, 4), "seq": (1, 3, 8)}, inputs=(ids, scale))
+    assert calls(trt, "set_shape") == [("ids", [1, 1], [2, 3], [4, 8]),
+                                       ("scale", [1, 1], [2, 1], [4, 1])]
+    assert art.input_spec[0]["shape"] == ["batch", "seq"]
+    out = art(torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), torch.full((1, 1), 2.0))
+    torch.testing.assert_close(out, gm(torch.tensor([[1, 2, 3, 4, 5, 6, 7]]),
+                                       torch.full((1, 1), 2.0)))
+
+
+def test_build_progress_is_shown_per_phase(monkeypatch, tmp_path, mlp, capsys):
+    gm, x = mlp
+    install(monkeypatch)
+    _lower(gm, x, tmp_path / "m.engine", progress="always")
+    err = capsys.readouterr().err
+    assert "TensorRT Building engine" in err and "building the TensorRT 10 engine (fp32)" in err
