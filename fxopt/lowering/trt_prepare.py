@@ -59,6 +59,7 @@ _EXACT_IN_FLOAT = frozenset({"Add", "Sub", "Mul", "Neg", "Abs", "Sign", "Sum", "
 FOLD_LIMIT = 1 << 24
 # protobuf cannot serialize a message over 2 GiB: bigger models go to external data
 _EXTERNAL_DATA = 2**31 - 2**27
+_EXTERNAL_MIN = 1024  # tensors smaller than this stay inside the .onnx file
 
 
 @dataclass
@@ -213,8 +214,10 @@ def _weight_bytes(proto: onnx.ModelProto) -> int:
 
 def _save(proto: onnx.ModelProto, f: Path) -> Path:
     if _weight_bytes(proto) >= _EXTERNAL_DATA:
-        onnx.save_model(proto, str(f), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{f.name}.data", size_threshold=1024)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)  # saving as external data empties the tensors it writes out
+        onnx.save_model(copy, str(f), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{f.name}.data", size_threshold=_EXTERNAL_MIN)
     else:
         onnx.save_model(proto, str(f))
     return f
@@ -528,21 +531,24 @@ def _qdq(graph: gs.Graph) -> list[str]:
     return done
 
 
+def _symmetric(node: gs.Node) -> bool:
+    """A Q or DQ node with a positive constant scale and a zero point of 0."""
+    scale = node.inputs[1]
+    if not isinstance(scale, gs.Constant) or np.any(np.asarray(scale.values) <= 0):
+        return False
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    return zp is None or not zp.name or (
+        isinstance(zp, gs.Constant) and not np.any(np.asarray(zp.values) != 0))
+
+
 def _pair(dq: gs.Node | None) -> gs.Node | None:
-    """The QuantizeLinear feeding DequantizeLinear ``dq`` alone, with zero point 0."""
+    """The QuantizeLinear feeding DequantizeLinear ``dq`` alone, both symmetric."""
     if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs:
         return None
     q = dq.inputs[0].inputs[0]
     if q.op != "QuantizeLinear" or len(q.outputs[0].outputs) != 1:
         return None
-    for n in (q, dq):
-        if len(n.inputs) > 2 and n.inputs[2].name:
-            zp = n.inputs[2]
-            if not isinstance(zp, gs.Constant) or np.any(np.asarray(zp.values) != 0):
-                return None
-        if not isinstance(n.inputs[1], gs.Constant) or np.any(np.asarray(n.inputs[1].values) <= 0):
-            return None
-    return q
+    return q if _symmetric(q) and _symmetric(dq) else None
 
 
 def _producer(t: gs.Tensor) -> gs.Node | None:
@@ -569,7 +575,8 @@ def _clip_after_dq(graph: gs.Graph, clip: gs.Node) -> list[str]:
     q_out = clip.inputs[0]
     q, out = _producer(q_out), clip.outputs[0]
     dq = out.outputs[0] if len(out.outputs) == 1 else None
-    if q is None or q.op != "QuantizeLinear" or _pair(dq) is not q or len(q_out.outputs) != 1:
+    if (q is None or q.op != "QuantizeLinear" or dq is None or dq.op != "DequantizeLinear"
+            or len(q_out.outputs) != 1 or not (_symmetric(q) and _symmetric(dq))):
         return []
     scale = np.asarray(dq.inputs[1].values)
     bounds = clip.inputs[1:3]
