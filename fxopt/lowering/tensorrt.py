@@ -206,6 +206,7 @@ def lower(
         "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "min_cosine": tol.min_cosine},
         "onnx": {k: onnx_art.manifest.get(k) for k in ("exporter", "opset", "verified")},
     }
+    manifest = json.loads(json.dumps(manifest, default=str))  # in memory as on disk
     write_files(dest, lambda f: _write_engine(f, engine, manifest), _check_replaceable)
     if cache.path is not None and cache_out:
         _write_cache(cache.path, cache_out)

@@ -65,7 +65,7 @@ def test_lower_builds_verifies_writes_and_loads(monkeypatch, tmp_path, mlp):
     x5 = torch.randn(5, 8)
     torch.testing.assert_close(art(x5), gm(x5), rtol=1e-5, atol=1e-5)
     loaded = fxopt.load(tmp_path / "m.engine")
-    assert isinstance(loaded, backend.TrtArtifact)
+    assert isinstance(loaded, backend.TrtArtifact) and loaded.manifest == art.manifest
     torch.testing.assert_close(loaded(x5), gm(x5), rtol=1e-5, atol=1e-5)
 
 
