@@ -44,6 +44,8 @@ import torch
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from fxopt.errors import LoweringError
+from fxopt.lowering.trt_qdq import move_qdq as _qdq
+from fxopt.lowering.trt_qdq import replace_uses as _replace_uses
 from fxopt.trt_check import check_trt, support_data
 from fxopt.verify import EXACT, Tolerance, compare_outputs
 
@@ -110,6 +112,8 @@ def prepare_for_tensorrt(
     if type(trt_version) is not int or trt_version not in support_data()["versions"]:
         raise LoweringError(f"trt_version must be one of {support_data()['versions']}, "
                             f"got {trt_version!r}")
+    if out_path is not None:
+        _check_out(out_path)  # refuse early: before any work
     proto, source = _load(model)
     feeds = _feeds(proto, inputs)
     report = PrepareReport()
@@ -138,13 +142,23 @@ def prepare_for_tensorrt(
         if job.ref is None:
             report.notes.append(job.why_unverified)
     if out_path is not None:
-        from fxopt.lowering import destination, write_files  # imports torch.fx machinery
+        from fxopt.lowering import write_files
 
-        write_files(destination(out_path), lambda f: _save(prepared, f))
+        write_files(_check_out(out_path), lambda f: _save(prepared, f), _check_out)
     return prepared, report
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _check_out(path: str | os.PathLike) -> Path:
+    """The absolute destination; only an ONNX model file there may be replaced."""
+    from fxopt.lowering import destination
+    from fxopt.lowering.onnx import _check_replaceable
+
+    dest = destination(path)
+    _check_replaceable(dest)
+    return dest
 
 
 def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, Path | None]:
@@ -412,18 +426,20 @@ def _int64_to_int32(graph: gs.Graph, job: _Job) -> list[str]:
              for t in [*(node.inputs[k] for k in ins), *(node.outputs[k] for k in outs)]
              if not isinstance(t, gs.Constant) and (to != _INT32 or not _from_shapes(t))}
     seen = job.observe(graph, sorted(watch))
-    done, casts = [], {}
-    for node, to, ins, outs in plan:
-        why = _values_allow([node.inputs[k] for k in ins] + [node.outputs[k] for k in outs],
-                            to, seen, job.feeds is not None)
-        if isinstance(why, str) and why.startswith("!"):
+    # every decision before any rewrite: a rewrite changes the ancestry _from_shapes walks
+    whys = [_values_allow([node.inputs[k] for k in ins] + [node.outputs[k] for k in outs],
+                          to, seen, job.feeds is not None) for node, to, ins, outs in plan]
+    done, casts, taken = [], {}, set(graph.tensors())
+    for (node, to, ins, outs), why in zip(plan, whys):
+        if why.startswith("!"):
             notes.append(f"{node.op} {node.name} stays int64: {why[1:]}")
             continue
         for k in ins:
-            node.inputs[k] = _cast(graph, node.inputs[k], to, casts)
+            node.inputs[k] = _cast(graph, node.inputs[k], to, casts, taken)
         for k in outs:
             wide = node.outputs[k]
-            narrow = gs.Variable(f"{wide.name}__{_NUMPY[to].__name__}", dtype=_NUMPY[to])
+            narrow = gs.Variable(_fresh(f"{wide.name}__{_NUMPY[to].__name__}", taken),
+                                 dtype=_NUMPY[to])
             node.outputs[k] = narrow
             graph.nodes.append(gs.Node("Cast", f"{node.name}/to_int64", {"to": _INT64},
                                        [narrow], [wide]))
@@ -485,13 +501,25 @@ def _values_allow(tensors: list[gs.Tensor], to: int, seen: dict, have_inputs: bo
     return f"values in [{lo}, {hi}], {' and '.join(sorted(sources))}"
 
 
-def _cast(graph: gs.Graph, t: gs.Tensor, to: int, casts: dict) -> gs.Tensor:
-    if isinstance(t, gs.Constant):
-        return gs.Constant(f"{t.name}__{_NUMPY[to].__name__}",
-                           np.asarray(t.values).astype(_NUMPY[to]))
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... so that no two tensors share a name."""
+    out, k = name, 1
+    while out in taken:
+        k += 1
+        out = f"{name}_{k}"
+    taken.add(out)
+    return out
+
+
+def _cast(graph: gs.Graph, t: gs.Tensor, to: int, casts: dict, taken: set[str]) -> gs.Tensor:
     key = (t.name, to)
-    if key not in casts:
-        out = gs.Variable(f"{t.name}__{_NUMPY[to].__name__}", dtype=_NUMPY[to])
+    if key in casts:
+        return casts[key]
+    name = _fresh(f"{t.name}__as_{_NUMPY[to].__name__}", taken)
+    if isinstance(t, gs.Constant):
+        casts[key] = gs.Constant(name, np.asarray(t.values).astype(_NUMPY[to]))
+    else:
+        out = gs.Variable(name, dtype=_NUMPY[to])
         graph.nodes.append(gs.Node("Cast", f"{t.name}/to_{_NUMPY[to].__name__}", {"to": to},
                                    [t], [out]))
         casts[key] = out
@@ -514,101 +542,20 @@ def _cancel_casts(graph: gs.Graph) -> None:
             node.inputs[0] = source
 
 
-def _replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    for user in list(old.outputs):
-        for k, t in enumerate(user.inputs):
-            if t is old:
-                user.inputs[k] = new
-
-
-def _qdq(graph: gs.Graph) -> list[str]:
-    done = []
-    for node in list(graph.nodes):
-        if node.op == "Relu":
-            done += _relu_before_qdq(graph, node)
-        elif node.op == "Clip":
-            done += _clip_after_dq(graph, node)
-    return done
-
-
-def _symmetric(node: gs.Node) -> bool:
-    """A Q or DQ node with a positive constant scale and a zero point of 0."""
-    scale = node.inputs[1]
-    if not isinstance(scale, gs.Constant) or np.any(np.asarray(scale.values) <= 0):
-        return False
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
-    return zp is None or not zp.name or (
-        isinstance(zp, gs.Constant) and not np.any(np.asarray(zp.values) != 0))
-
-
-def _pair(dq: gs.Node | None) -> gs.Node | None:
-    """The QuantizeLinear feeding DequantizeLinear ``dq`` alone, both symmetric."""
-    if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs:
-        return None
-    q = dq.inputs[0].inputs[0]
-    if q.op != "QuantizeLinear" or len(q.outputs[0].outputs) != 1:
-        return None
-    return q if _symmetric(q) and _symmetric(dq) else None
-
-
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if t.inputs else None
-
-
-def _relu_before_qdq(graph: gs.Graph, relu: gs.Node) -> list[str]:
-    x = relu.inputs[0]
-    dq = _producer(x)
-    q = _pair(dq)
-    if q is None or len(x.outputs) != 1 or x in graph.outputs:
-        return []
-    y = relu.outputs[0]
-    pre = gs.Variable(f"{y.name}__pre_q", dtype=y.dtype, shape=y.shape)
-    relu.inputs[0] = q.inputs[0]
-    relu.outputs[0] = pre
-    q.inputs[0] = pre
-    dq.outputs[0] = y
-    return [f"Relu {relu.name} moved before QuantizeLinear {q.name} (TensorRT fuses the "
-            "producer with Relu and the Q after it)"]
-
-
-def _clip_after_dq(graph: gs.Graph, clip: gs.Node) -> list[str]:
-    q_out = clip.inputs[0]
-    q, out = _producer(q_out), clip.outputs[0]
-    dq = out.outputs[0] if len(out.outputs) == 1 else None
-    if (q is None or q.op != "QuantizeLinear" or dq is None or dq.op != "DequantizeLinear"
-            or len(q_out.outputs) != 1 or not (_symmetric(q) and _symmetric(dq))):
-        return []
-    scale = np.asarray(dq.inputs[1].values)
-    bounds = clip.inputs[1:3]
-    if scale.size != 1 or not all(isinstance(b, gs.Constant) for b in bounds if b.name):
-        return []
-    ftype = scale.dtype.type
-    limits = [gs.Constant(f"{clip.name}/{k}", np.asarray(ftype(np.asarray(b.values).item())
-                                                         * scale.reshape(())))
-              if b.name else b for k, b in zip(("min", "max"), bounds)]
-    y = dq.outputs[0]
-    mid = gs.Variable(f"{y.name}__unclipped", dtype=y.dtype, shape=y.shape)
-    dq.inputs[0] = q_out
-    dq.outputs[0] = mid
-    for k, t in enumerate([mid, *limits]):
-        clip.inputs[k] = t
-    clip.outputs[0] = y
-    return [f"Clip {clip.name} moved from between QuantizeLinear {q.name} and "
-            f"DequantizeLinear {dq.name} to after it, with float bounds"]
-
-
 # --------------------------------------------------------------------------- report
 
 
 _UNSUPPORTED = ("unsupported-op", "custom-domain", "removed-plugin", "unsupported-attribute",
-                "unsupported-input", "unsupported-output", "unsupported-opset")
+                "unsupported-input", "unsupported-output", "int64-compute")
 
 
 def _report_support(trt: Any, report: PrepareReport) -> None:
+    """Nodes TensorRT cannot build (check_trt's blockers on ops, attributes, inputs and int64
+    compute) and the plugins the graph needs; Q/DQ and opset findings stay check_trt's."""
     for f in trt.findings:
         if f.code == "trt-plugin":
             report.plugins.append(f"{f.node} ({f.op_type})")
-        elif f.code in _UNSUPPORTED or (f.code == "int64-compute" and f.severity == "blocker"):
+        elif f.code in _UNSUPPORTED and f.severity == "blocker":
             report.unsupported.append((f.node, f.op_type, f.message))
     report.notes += [n for n in trt.notes if n.startswith("could not")]
 

@@ -313,22 +313,51 @@ def _architectures() -> list:
     try:
         from real_architectures import ARCHITECTURES
     except ImportError:  # transformers missing: the test below skips
-        return ["gpt2"]
-    return sorted(ARCHITECTURES)
+        return [("gpt2", "fp32")]
+    int8 = [pytest.param(name, "int8", marks=pytest.mark.xfail(
+        strict=True, reason=why, raises=fxopt.PassError)) for name, why in REAL_INT8.items()]
+    return [(name, "fp32") for name in sorted(ARCHITECTURES)] + [
+        (name, "fp16") for name in REAL_FP16] + int8
+
+
+# half: the families that export and verify in fp16 (tests/test_real_architectures.py keeps
+# mobilenet-v2's fp16 ONNX as a known failure)
+REAL_FP16 = ["bert", "gpt2", "resnet", "vit"]
+# int8 for TensorRT on a real CNN: the quantize pass itself refuses it today, before any
+# ONNX exists (the zoo's int8 graphs above are prepared and verified)
+REAL_INT8 = {"resnet": (
+    "quantize(scheme=int8,target=tensorrt) on the random-weight Hugging Face ResNet fails its "
+    "own verification (16 calibration batches): \"max abs error 0.849 (relative 0.129, "
+    "cosine 0.986065) exceeds the approximate tolerance\", first at relu_2_fq; the ort "
+    "target passes on the same model (tests/test_real_architectures.py)")}
+_PIPELINES = {"fp32": "default", "fp16": "default,half(dtype=fp16)",
+              "int8": "default,quantize(scheme=int8,target=tensorrt)"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _architectures())
-def test_real_architecture_is_prepared_and_verified(name, tmp_path):
+@pytest.mark.parametrize(("name", "precision"), _architectures())
+def test_real_architecture_is_prepared_and_verified(name, precision, tmp_path):
     pytest.importorskip("transformers")
     from real_architectures import ARCHITECTURES
 
     arch = ARCHITECTURES[name]
     model, inputs = arch.build(), arch.make_inputs()
-    gm = fxopt.optimize(model, inputs, "default").module
+    calibration = [arch.make_inputs(4, seed=10 + i) for i in range(16)]
+    gm = fxopt.optimize(model, inputs, _PIPELINES[precision],
+                        calibration=calibration if precision == "int8" else None).module
     art, feeds, prepared, report = _prepared(tmp_path, gm, inputs)
     _check_prepared(art, feeds, prepared, report)
     batch3 = arch.make_inputs(3, seed=5)  # the prepared graph is still dynamic in batch
     for want, got in zip(_ort(art.path, _feeds(art.path, batch3)),
                          _ort(prepared, _feeds(art.path, batch3))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_out_path_never_replaces_something_that_is_not_onnx(tmp_path):
+    nodes, inits = _qdq_nodes([], [])
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    with pytest.raises(LoweringError, match="not an ONNX model file; refusing to overwrite"):
+        prepare_for_tensorrt(_conv_model(nodes, inits, "dq"), inputs=_x(), trt_version=10,
+                             out_path=notes)
+    assert notes.read_text() == "my notes"
