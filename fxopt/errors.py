@@ -39,3 +39,13 @@ class InputSpecError(LoweringError):
 
 class ArtifactVersionError(LoweringError):
     """An artifact was written by an fxopt / torch / format version this one cannot load."""
+
+
+class TrainError(FxoptError):
+    """Recovery training cannot proceed: data whose batches do not fit the graph's inputs,
+    a teacher whose outputs do not match the student's, a bad training option."""
+
+
+class CheckpointError(TrainError):
+    """A training checkpoint cannot be used: written for another graph, incomplete, or of
+    an unknown format version."""
