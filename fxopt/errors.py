@@ -41,11 +41,12 @@ class ArtifactVersionError(LoweringError):
     """An artifact was written by an fxopt / torch / format version this one cannot load."""
 
 
-class TrainError(FxoptError):
-    """Recovery training cannot proceed: data whose batches do not fit the graph's inputs,
-    a teacher whose outputs do not match the student's, a bad training option."""
+class TrainingError(FxoptError):
+    """Recovery training cannot proceed: data that does not fit the graph, a teacher whose
+    outputs do not match, a structure (sparsity mask, 2:4 pattern, pruned shape,
+    fake-quant node) that training would break, or a checkpoint from another graph."""
 
 
-class CheckpointError(TrainError):
+class CheckpointError(TrainingError):
     """A training checkpoint cannot be used: written for another graph, incomplete, or of
     an unknown format version."""

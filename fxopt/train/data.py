@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from fxopt.errors import TrainError
+from fxopt.errors import TrainingError
 
 
 class _ListDataset(Dataset):
@@ -46,24 +46,24 @@ def as_dataset(obj: Any, n_inputs: int) -> Dataset:
         sizes = {int(t.shape[0]) if t.dim() else -1 for t in obj}
         if len(sizes) != 1 or -1 in sizes:
             shapes = ", ".join(str(tuple(t.shape)) for t in obj)
-            raise TrainError(f"training data: the tensors of a ({'X, Y' if len(obj) > 1 else 'X'})"
+            raise TrainingError(f"training data: the tensors of a ({'X, Y' if len(obj) > 1 else 'X'})"
                              f" pair must share their first (sample) dim; got shapes {shapes}")
         if len(obj) not in (n_inputs, n_inputs + 1):
-            raise TrainError(f"training data: the graph takes {n_inputs} input(s), so give "
+            raise TrainingError(f"training data: the graph takes {n_inputs} input(s), so give "
                              f"{n_inputs} tensor(s) plus an optional label tensor, not "
                              f"{len(obj)}")
         return TensorDataset(*obj)
     if isinstance(obj, (list, tuple)):
         if not obj:
-            raise TrainError("training data is empty: give at least one item")
+            raise TrainingError("training data is empty: give at least one item")
         return _ListDataset(obj)
-    raise TrainError(f"training data must be a torch Dataset, an (X, Y) pair of tensors or "
+    raise TrainingError(f"training data must be a torch Dataset, an (X, Y) pair of tensors or "
                      f"a list of item tuples, not {type(obj).__name__}; an iterable-style "
                      "stream can be materialised with list(...)")
 
 
 def split_batch(batch: Any, n_inputs: int) -> tuple[tuple, Any]:
-    """``(inputs, label or None)`` of a collated batch; ``TrainError`` when the batch does
+    """``(inputs, label or None)`` of a collated batch; ``TrainingError`` when the batch does
     not have ``n_inputs`` or ``n_inputs + 1`` elements.
 
     >>> split_batch((torch.zeros(2, 3), torch.tensor([0, 1])), 1)[1].tolist()
@@ -72,13 +72,13 @@ def split_batch(batch: Any, n_inputs: int) -> tuple[tuple, Any]:
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
     if isinstance(batch, dict) or not isinstance(batch, (list, tuple)):
-        raise TrainError(f"a training batch must be a tuple of tensors (graph inputs, then "
+        raise TrainingError(f"a training batch must be a tuple of tensors (graph inputs, then "
                          f"an optional label), not {type(batch).__name__}")
     if len(batch) == n_inputs:
         return tuple(batch), None
     if len(batch) == n_inputs + 1:
         return tuple(batch[:n_inputs]), batch[n_inputs]
-    raise TrainError(f"a training batch has {len(batch)} element(s) but the graph takes "
+    raise TrainingError(f"a training batch has {len(batch)} element(s) but the graph takes "
                      f"{n_inputs} input(s): items must be (input_1, ..., input_{n_inputs}"
                      f"[, label]); reorder or wrap the dataset")
 
@@ -95,10 +95,10 @@ def input_specs(gm: Any, example_inputs: tuple) -> list[dict]:
 
 
 def check_inputs(inputs: tuple, specs: list[dict]) -> None:
-    """``TrainError`` when batch ``inputs`` do not fit the graph's input ``specs`` (count,
+    """``TrainingError`` when batch ``inputs`` do not fit the graph's input ``specs`` (count,
     rank, static dims, float vs integer), before any training step runs."""
     if len(inputs) != len(specs):
-        raise TrainError(f"a batch holds {len(inputs)} input(s), the graph takes {len(specs)}")
+        raise TrainingError(f"a batch holds {len(inputs)} input(s), the graph takes {len(specs)}")
     for i, (got, spec) in enumerate(zip(inputs, specs, strict=True)):
         shape = spec.get("shape")
         if shape is None:
@@ -106,16 +106,16 @@ def check_inputs(inputs: tuple, specs: list[dict]) -> None:
         wanted = "(" + ", ".join("batch" if d is None and j == 0 else "*" if d is None
                                  else str(d) for j, d in enumerate(shape)) + ")"
         if not isinstance(got, torch.Tensor):
-            raise TrainError(f"batch input {i} is a {type(got).__name__}, the graph takes a "
+            raise TrainingError(f"batch input {i} is a {type(got).__name__}, the graph takes a "
                              f"tensor of shape {wanted}")
         if got.dim() != len(shape) or any(d is not None and d != g
                                           for d, g in zip(shape, got.shape)):
-            raise TrainError(f"batch input {i} has shape {tuple(got.shape)}, the graph takes "
+            raise TrainingError(f"batch input {i} has shape {tuple(got.shape)}, the graph takes "
                              f"{wanted}: each item must hold one sample per graph input, "
                              "in the graph's input order")
         floating = str(spec.get("dtype", "float")).startswith(("float", "bfloat"))
         if got.is_floating_point() != floating:
-            raise TrainError(f"batch input {i} is {got.dtype}, the graph takes "
+            raise TrainingError(f"batch input {i} is {got.dtype}, the graph takes "
                              f"{spec.get('dtype')}")
 
 

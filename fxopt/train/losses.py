@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fxopt.errors import TrainError
+from fxopt.errors import TrainingError
 
 
 def output_leaves(out: Any) -> list[torch.Tensor]:
@@ -47,11 +47,11 @@ def task_loss(output: Any, label: torch.Tensor, loss_fn: Callable | None = None)
         return loss_fn(output, label)
     leaves = output_leaves(output)
     if not leaves:
-        raise TrainError("the task loss needs a floating-point output (logits); pass "
+        raise TrainingError("the task loss needs a floating-point output (logits); pass "
                          "loss_fn=... for this model")
     logits = leaves[0]
     if label.is_floating_point():
-        raise TrainError(f"labels are {label.dtype}: cross-entropy needs class indices "
+        raise TrainingError(f"labels are {label.dtype}: cross-entropy needs class indices "
                          "(integer labels); pass loss_fn=... for other targets")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), label.reshape(-1))
 
@@ -70,15 +70,15 @@ def kl_distill(student: torch.Tensor, teacher: torch.Tensor, T: float = 4.0) -> 
 
 
 def check_teacher_outputs(student_out: Any, teacher_out: Any) -> None:
-    """``TrainError`` unless the teacher's outputs have the student's structure and shapes."""
+    """``TrainingError`` unless the teacher's outputs have the student's structure and shapes."""
     s, t = output_leaves(student_out), output_leaves(teacher_out)
     if len(s) != len(t):
-        raise TrainError(f"the teacher returns {len(t)} tensor output(s), the student "
+        raise TrainingError(f"the teacher returns {len(t)} tensor output(s), the student "
                          f"{len(s)}: distillation pairs them in order; give the teacher the "
                          "student's original model (or a wrapper with the same outputs)")
     for i, (a, b) in enumerate(zip(s, t, strict=True)):
         if a.shape != b.shape:
-            raise TrainError(f"output {i}: the student returns shape {tuple(a.shape)}, the "
+            raise TrainingError(f"output {i}: the student returns shape {tuple(a.shape)}, the "
                              f"teacher {tuple(b.shape)}; logit distillation needs the same "
                              "shapes (the same task head)")
 
@@ -99,7 +99,7 @@ def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node:
         return owned[-1]
     known = sorted({str(n.meta.get("fxopt_module_path") or n.name) for n in nodes
                     if n.op.startswith("call")})
-    raise TrainError(f"feature {name!r} names no node or module of the graph; known: "
+    raise TrainingError(f"feature {name!r} names no node or module of the graph; known: "
                      f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
 
 
@@ -148,11 +148,11 @@ class FeatureAdapter(nn.Module):
 
 def _channel_dim(name: str, s: torch.Tensor, t: torch.Tensor) -> int | None:
     if s.dim() != t.dim():
-        raise TrainError(f"feature {name!r}: the student's has shape {tuple(s.shape)}, the "
+        raise TrainingError(f"feature {name!r}: the student's has shape {tuple(s.shape)}, the "
                          f"teacher's {tuple(t.shape)}; name nodes of the same rank")
     differ = [d for d in range(s.dim()) if s.shape[d] != t.shape[d]]
     if len(differ) > 1:
-        raise TrainError(f"feature {name!r}: shapes {tuple(s.shape)} (student) and "
+        raise TrainingError(f"feature {name!r}: shapes {tuple(s.shape)} (student) and "
                          f"{tuple(t.shape)} (teacher) differ in more than one dim; only a "
                          "channel width may differ (pruning)")
     return differ[0] if differ else None
@@ -257,9 +257,9 @@ class DistillLoss(nn.Module):
                  feature_weight: float = 1.0, adapters: Sequence[FeatureAdapter] = ()):
         super().__init__()
         if not isinstance(T, (int, float)) or T <= 0:
-            raise TrainError(f"T (the distillation temperature) must be > 0, not {T!r}")
+            raise TrainingError(f"T (the distillation temperature) must be > 0, not {T!r}")
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise TrainError(f"alpha (the distillation weight) must be in [0, 1], not {alpha!r}")
+            raise TrainingError(f"alpha (the distillation weight) must be in [0, 1], not {alpha!r}")
         self.T, self.alpha, self.loss_fn = float(T), float(alpha), loss_fn
         self.feature_weight = float(feature_weight)
         self.adapters = nn.ModuleList(adapters)
@@ -276,7 +276,7 @@ class DistillLoss(nn.Module):
             parts["distill"] = sum(kl_distill(s, t.detach(), self.T) for s, t in pairs) \
                 / max(len(pairs), 1)
         if not parts:
-            raise TrainError("nothing to learn from: the batches carry no labels and there "
+            raise TrainingError("nothing to learn from: the batches carry no labels and there "
                              "is no teacher; give (inputs, label) items or teacher=...")
         if "task" in parts and "distill" in parts:
             total = self.alpha * parts["distill"] + (1 - self.alpha) * parts["task"]

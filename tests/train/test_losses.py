@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.errors import TrainError
+from fxopt.errors import TrainingError
 from fxopt.train.losses import (
     DistillLoss,
     FeatureAdapter,
@@ -61,7 +61,7 @@ def test_task_loss_cross_entropy_and_user_fn():
     assert got == pytest.approx(want, rel=1e-6)
     mse = task_loss(torch.ones(2, 3), torch.zeros(2, 3), loss_fn=F.mse_loss)
     assert mse.item() == pytest.approx(1.0)
-    with pytest.raises(TrainError, match="integer labels"):
+    with pytest.raises(TrainingError, match="integer labels"):
         task_loss(torch.ones(2, 3), torch.zeros(2, 3))
 
 
@@ -78,11 +78,11 @@ def test_distill_loss_mixes_with_alpha():
     # no labels: distillation alone; no teacher: the task loss alone
     assert loss(s, t, None)[0].item() == pytest.approx(distill, rel=1e-5)
     assert loss(s, None, y)[0].item() == pytest.approx(task, rel=1e-5)
-    with pytest.raises(TrainError, match="nothing to learn"):
+    with pytest.raises(TrainingError, match="nothing to learn"):
         loss(s, None, None)
-    with pytest.raises(TrainError, match="alpha"):
+    with pytest.raises(TrainingError, match="alpha"):
         DistillLoss(alpha=1.5)
-    with pytest.raises(TrainError, match="temperature"):
+    with pytest.raises(TrainingError, match="temperature"):
         DistillLoss(T=0)
 
 
@@ -96,9 +96,9 @@ def test_gradient_of_distillation_flows_to_student_only():
 
 def test_check_teacher_outputs():
     check_teacher_outputs(torch.zeros(2, 3), torch.ones(2, 3))
-    with pytest.raises(TrainError, match="shape"):
+    with pytest.raises(TrainingError, match="shape"):
         check_teacher_outputs(torch.zeros(2, 3), torch.zeros(2, 4))
-    with pytest.raises(TrainError, match="2 tensor output"):
+    with pytest.raises(TrainingError, match="2 tensor output"):
         check_teacher_outputs(torch.zeros(2, 3), (torch.zeros(2, 3), torch.zeros(2, 3)))
 
 
@@ -117,7 +117,7 @@ def test_tap_returns_named_features_and_shares_parameters():
     torch.testing.assert_close(f1, model[:2](x))
     torch.testing.assert_close(f3, model[:4](x))
     assert all(a is b for a, b in zip(tapped.parameters(), gm.parameters(), strict=True))
-    with pytest.raises(TrainError, match="names no node"):
+    with pytest.raises(TrainingError, match="names no node"):
         resolve_node(gm, "layer9")
 
 
@@ -163,7 +163,7 @@ def test_feature_projection_without_plan_is_learned():
         opt.step()
     assert parts["feature"] < first * 0.9
     assert isinstance(adapter, FeatureAdapter)
-    with pytest.raises(TrainError, match="more than one dim"):
+    with pytest.raises(TrainingError, match="more than one dim"):
         make_adapter("f", None, torch.zeros(2, 3, 4), torch.zeros(2, 4, 5))
 
 
