@@ -159,7 +159,9 @@ def save(directory: str | os.PathLike, name: str, *, module: torch.nn.Module,
             "rng": rng_state(),
         }
         body = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-                "position": position or {}, "history": history or [], "extra": extra or {},
+                "position": encode(position or {}, tensors, "position"),
+                "history": encode(history or [], tensors, "history"),
+                "extra": encode(extra or {}, tensors, "extra"),
                 "states": encode(states, tensors, "s")}
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(body, indent=1))
@@ -217,7 +219,8 @@ def read(path: str | os.PathLike, fingerprint: str | None = None) -> dict:
             f"{body['fingerprint']}, this graph's is {fingerprint}): its weights do not fit. "
             "Resume with the graph that wrote it, or use a fresh checkpoint_dir")
     tensors = load_file(str(path / "state.safetensors"))
-    body["states"] = decode(body["states"], tensors)
+    for key in ("states", "position", "history", "extra"):
+        body[key] = decode(body[key], tensors)
     return body
 
 

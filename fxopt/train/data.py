@@ -46,8 +46,9 @@ def as_dataset(obj: Any, n_inputs: int) -> Dataset:
         sizes = {int(t.shape[0]) if t.dim() else -1 for t in obj}
         if len(sizes) != 1 or -1 in sizes:
             shapes = ", ".join(str(tuple(t.shape)) for t in obj)
-            raise TrainingError(f"training data: the tensors of a ({'X, Y' if len(obj) > 1 else 'X'})"
-                             f" pair must share their first (sample) dim; got shapes {shapes}")
+            pair = "X, Y" if len(obj) > 1 else "X"
+            raise TrainingError(f"training data: the tensors of an ({pair}) pair must share "
+                                f"their first (sample) dim; got shapes {shapes}")
         if len(obj) not in (n_inputs, n_inputs + 1):
             raise TrainingError(f"training data: the graph takes {n_inputs} input(s), so give "
                              f"{n_inputs} tensor(s) plus an optional label tensor, not "

@@ -65,14 +65,23 @@ def test_feature_distillation_on_pruned_cnn_uses_the_plan():
     teacher = trained(cnn(), (x, y), steps=20)
     res = fxopt.optimize(teacher, (x[:2],), "prune(ratio=0.5)")
     plan = res.report.records[-1].stats["plan"]
+    steps: list[dict] = []
     out = finetune(res.module, (x, y), teacher=teacher, features=["1", "3"], plan=plan,
-                   epochs=1, lr=1e-3)
-    assert "feature" in out.history[0]
-    # right after pruning the kept channels of the first layer match exactly: a sliced
-    # (not projected) teacher feature; the loss is small but the second layer's is not 0
-    assert out.history[0]["feature"] >= 0
-    projected = finetune(res.module, (x, y), teacher=teacher, features=["1"], epochs=1)
-    assert projected.history[0]["feature"] > 0
+                   epochs=1, lr=1e-3, callback=steps.append)
+    assert "feature" in out.history[0] and len(steps) == 4
+    # before the first update the pruned first layer computes exactly the kept channels of
+    # the teacher's: with the plan the teacher feature is sliced to them, and layer "1"
+    # alone has no feature loss
+    first: list[dict] = []
+    finetune(res.module, (x, y), teacher=teacher, features=["1"], plan=plan, epochs=1,
+             lr=1e-3, callback=first.append)
+    assert first[0]["feature"] == pytest.approx(0.0, abs=1e-10)
+    assert steps[0]["feature"] > 0  # layer "3" of the pruned graph differs from the teacher's
+    # without a plan: a learned projection (random at first)
+    projected: list[dict] = []
+    finetune(res.module, (x, y), teacher=teacher, features=["1"], epochs=1,
+             callback=projected.append)
+    assert projected[0]["feature"] > 1e-4
     with pytest.raises(TrainingError, match="names no node"):
         finetune(res.module, (x, y), teacher=teacher, features=["nope"])
 
