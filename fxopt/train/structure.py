@@ -369,8 +369,7 @@ class StructureKeeper:
             node = nodes[name]
             node.op, node.target, node.args, node.kwargs = "call_function", target, args, kwargs
             gm.delete_submodule(sub)
-        self._bn_nodes = {}
-        self.after_step(gm)
+        self._bn_nodes = {}  # no silent re-zeroing here: _check reports a leaked mask
         if self.qat is not None:
             from fxopt.quant.qat import freeze_qat
 
