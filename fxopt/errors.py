@@ -50,3 +50,8 @@ class TrainingError(FxoptError):
 class DistributedError(TrainingError):
     """A multi-process (torchrun) run failed: a missing backend, a bad global batch, or a
     rank that crashed (the message names the rank)."""
+
+
+class CheckpointError(TrainingError):
+    """A training checkpoint cannot be used: written for another graph, incomplete, or of
+    an unknown format version."""

@@ -1,2 +1,12 @@
-"""Recovery training: losses (distillation), structure keepers (masks, fake-quant), the
-loop (AMP, DDP under torchrun), checkpoints."""
+"""Recovery training: fine-tune an fxopt graph back to the original model's accuracy.
+
+Modules: ``losses`` (task loss, logit and feature distillation), ``data`` (what a dataset
+item is), ``loop`` (``finetune``: AMP, DDP under torchrun, early stop), ``checkpoint``
+(atomic, pickle-free, resumable), ``structure`` (masks and fake-quant kept while
+training) and ``distributed`` (torchrun processes).
+"""
+
+from fxopt.train.data import as_dataset, split_batch
+from fxopt.train.losses import DistillLoss, kl_distill, task_loss
+
+__all__ = ["DistillLoss", "as_dataset", "kl_distill", "split_batch", "task_loss"]
