@@ -234,13 +234,15 @@ def add_parser(sub: Any, model_args: Any) -> None:
                         "[label]) items or an (X, Y) pair (default: random inputs, distilled)")
     p.add_argument("--val-data", metavar="SPEC", help="validation data, same form; a metric "
                    "is measured each epoch and the best epoch kept")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="GLOBAL batch, split over torchrun processes (default 32)")
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--scheduler", choices=("cosine",), default=None)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"),
+                   help="default adamw; sgd uses momentum 0.9")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="default 0.0")
+    p.add_argument("--scheduler", choices=("cosine",), default=None,
+                   help="learning-rate schedule over all steps (default: constant)")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision (bf16 on CPU or CUDA, fp16 on CUDA)")
     p.add_argument("--metric", choices=("accuracy", "cosine"), default=None,
@@ -248,12 +250,13 @@ def add_parser(sub: Any, model_args: Any) -> None:
                         "the teacher)")
     p.add_argument("--budget", type=float, default=None,
                    help="stop once the validation metric reaches this value")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation T")
+    p.add_argument("--temperature", type=float, default=4.0,
+                   help="distillation temperature T (default 4.0)")
     p.add_argument("--alpha", type=float, default=0.5,
-                   help="distillation weight (1 = teacher only, 0 = labels only)")
+                   help="distillation weight, 1 = teacher only, 0 = labels only (default 0.5)")
     p.add_argument("--no-teacher", action="store_true",
                    help="train on the labels alone (no distillation)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order and init (default 0)")
     p.add_argument("--random-samples", type=int, default=128, metavar="N",
                    help="without --train-data: how many random inputs (default 128)")
     p.add_argument("--calibration-batches", type=int, default=8, metavar="N",
@@ -267,7 +270,8 @@ def add_parser(sub: Any, model_args: Any) -> None:
     p.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                    help="process-group backend under torchrun (default: nccl on CUDA, else "
                         "gloo)")
-    p.add_argument("--target", default="eager", help="artifact kind: eager or onnx")
+    p.add_argument("--target", default="eager",
+                   help="artifact kind: eager or onnx (default eager)")
     p.add_argument("-o", "--output", help="artifact path (rank 0 writes it)")
     p.add_argument("--history-json", metavar="FILE",
                    help="write the per-epoch history and the structure report as JSON")

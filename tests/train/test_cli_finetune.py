@@ -5,6 +5,7 @@ CLI error with nothing written."""
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -77,6 +78,21 @@ def test_no_output_is_refused(capsys):
 def test_python_dash_m_fxopt_runs_the_cli(tmp_path):
     res = run_bounded([sys.executable, "-m", "fxopt", "finetune", "--help"], cwd=tmp_path)
     assert res.returncode == 0 and "--train-data" in res.stdout and "GLOBAL batch" in res.stdout
+
+
+def test_help_states_the_real_defaults():
+    from fxopt.cli import build_parser
+    from fxopt.train.loop import finetune
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
+    defaults = inspect.signature(finetune).parameters
+    for action in sub._actions:
+        if action.default not in (None, False) and action.help and action.dest != "help":
+            assert str(action.default) in action.help or "default pipeline" in action.help \
+                or action.dest == "pipeline", action.dest
+        name = {"temperature": "T"}.get(action.dest, action.dest)
+        if name in defaults and action.default is not None:  # the CLI's defaults are the API's
+            assert action.default == defaults[name].default, action.dest
 
 
 # --------------------------------------------------------------------------- torchrun
