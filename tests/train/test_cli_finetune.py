@@ -127,6 +127,25 @@ def test_torchrun_two_processes_match_one_and_only_rank0_writes(tmp_path):
     assert len(glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))) == 1
 
 
+def test_torchrun_prune_then_qat(tmp_path):
+    """prune + int8 fake-quant trained on 2 processes: every trainable parameter takes part
+    (a quantized graph keeps orphan float biases DDP would wait for) and the frozen QAT
+    graph is written."""
+    res = torchrun(2, "-m", "fxopt", "finetune", f"{DIGITS}:model", "--pipeline",
+                   "default,prune(ratio=0.25),quantize(scheme=int8)", "--train-data",
+                   f"{DIGITS}:train_set", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05",
+                   "--history-json", str(tmp_path / "h.json"), "-o", str(tmp_path / "art"),
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    hist = json.loads((tmp_path / "h.json").read_text())
+    assert hist["structure"]["qat"]["mode"] == "observed" and hist["world"]["world_size"] == 2
+    art = fxopt.load(tmp_path / "art")
+    kinds = {type(m).__name__ for m in art.module.modules()}
+    assert "FakeQuantize" in kinds
+    assert all(m.mode == "quantize" for m in art.module.modules()
+               if type(m).__name__ == "FakeQuantize")
+
+
 def test_torchrun_failure_on_rank1_names_it_and_writes_nothing(tmp_path):
     res = torchrun(2, "-m", "fxopt", "finetune", f"{DIGITS}:model", "--train-data",
                    f"{DIGITS}:rank1_fails", "--epochs", "1", "-o", str(tmp_path / "art"),

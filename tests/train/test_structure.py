@@ -49,6 +49,15 @@ def _train(keeper: StructureKeeper, model: nn.Module, steps: int = 3, *, lr: flo
             keeper.after_step(model)
 
 
+def _every_trainable_gets_a_gradient(model: nn.Module, x: torch.Tensor) -> None:
+    """What DistributedDataParallel needs (else it stops at the second step)."""
+    model.zero_grad()
+    model(x).float().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    model.zero_grad()
+
+
 def _weights(gm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in gm.state_dict().items()}
 
@@ -141,6 +150,7 @@ def test_qat_trains_through_fake_quant_and_freezes(resnet, mode, qat, tmp_path):
     trained = keeper.prepare(gm)
     fqs = [m for m in trained.modules() if isinstance(m, FakeQuantize)]
     assert all(m.mode == "qat" for m in fqs)
+    _every_trainable_gets_a_gradient(trained, torch.randn(2, 3, 32, 32))
     _train(keeper, trained, lr=0.01)
     out = keeper.finish(trained)
     assert all(m.mode == "quantize" for m in out.modules() if isinstance(m, FakeQuantize))
@@ -184,6 +194,8 @@ def test_batch_norm_trains_in_train_mode_and_is_frozen_in_eval(resnet, mode, tmp
     assert bn_buffers
     before = _weights(gm)
     trained = keeper.prepare(gm)
+    _every_trainable_gets_a_gradient(trained, torch.randn(4, 3, 32, 32))
+    trained.load_state_dict(before)  # that forward moved the running statistics
     trained.eval()  # validation mid-training: running statistics are used and kept
     with torch.no_grad():
         trained(torch.randn(4, 3, 32, 32))
