@@ -29,7 +29,10 @@ therefore ends with the 1-process weights to float round-off of the all-reduce, 
 every global batch is full (``len(dataset)`` a multiple of ``batch_size``, or
 ``drop_last=True``) and the loss is a per-sample mean. Train-mode batch norm breaks that
 on CPU (each rank normalises its own half batch; ``SyncBatchNorm`` is CUDA-only, ``wrap``
-uses it there), and so does dropout (each rank draws its own masks).
+uses it there), and so does dropout (each rank draws its own masks). Quantization-aware
+training with observed activation scales is close but not equal: weights stay in sync,
+while each rank's observers follow its own share of the batch (rank 0's scales are the
+ones exported); learnable scales are parameters, all-reduced like the weights.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ What it keeps, and how:
 * **Pruned shapes**: every op's parameter shapes are recorded and checked again in
   ``finish`` (``PassError``-style ``TrainingError`` naming the layer if one changed).
 
-Which tensors train: every floating-point ``nn.Parameter`` of the graph, and the weights
+Which tensors train: every floating-point ``nn.Parameter`` the graph reads (an orphan a
+pass left behind does not: DDP would wait for its gradient forever), and the weights
 and biases of known ops that passes stored as buffers (they become parameters);
 batch-norm running statistics, fake-quant scales (unless learnable), integer tensors and
 other constants do not.
@@ -115,6 +116,20 @@ def _param_shapes(gm: fx.GraphModule, node: fx.Node) -> dict[str, tuple[int, ...
         if isinstance(value, torch.Tensor):
             out[name] = tuple(value.shape)
     return out
+
+
+def _used_parameters(gm: fx.GraphModule) -> set[int]:
+    """Identities of the parameters the graph reads (a pass may leave an orphan behind,
+    e.g. a linear module's float bias after ``quantize`` made an int32 one)."""
+    used: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = fetch_attr(gm, str(node.target))
+            if isinstance(value, nn.Parameter):
+                used.add(id(value))
+        elif node.op == "call_module":
+            used.update(id(p) for p in gm.get_submodule(str(node.target)).parameters())
+    return used
 
 
 def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
@@ -294,19 +309,21 @@ class StructureKeeper:
             value = fetch_attr(gm, target)
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 _as_parameter(gm, target)
+        self._swap_batch_norms(gm)
+        used = _used_parameters(gm)  # DDP needs a gradient for every trainable parameter
         count = 0
         for p in gm.parameters():
-            if p.is_floating_point() and (id(p) not in fq_params or self.qat == "learnable"):
-                p.requires_grad_(True)
-                count += p.numel()
+            train = p.is_floating_point() and id(p) in used and (
+                id(p) not in fq_params or self.qat == "learnable")
+            p.requires_grad_(train)
+            count += p.numel() if train else 0
         self.trainable = count
         with torch.no_grad():
             for target, mask in self.masks.items():
                 param = _as_parameter(gm, target)
                 param.masked_fill_(~mask.to(param.device), 0)
-                param.requires_grad_(True)
-                self._hooks.append(param.register_hook(_mask_grad(mask)))
-        self._swap_batch_norms(gm)
+                if param.requires_grad:
+                    self._hooks.append(param.register_hook(_mask_grad(mask)))
         gm.train()
         for m in gm.modules():
             is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -369,8 +386,7 @@ class StructureKeeper:
             node = nodes[name]
             node.op, node.target, node.args, node.kwargs = "call_function", target, args, kwargs
             gm.delete_submodule(sub)
-        self._bn_nodes = {}
-        self.after_step(gm)
+        self._bn_nodes = {}  # no silent re-zeroing here: _check reports a leaked mask
         if self.qat is not None:
             from fxopt.quant.qat import freeze_qat
 

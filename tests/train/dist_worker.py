@@ -3,7 +3,8 @@ one-process reference). Usage: ``python dist_worker.py MODE OUT [BACKEND]``.
 
 MODE ``train``: a seeded MLP trained 2 epochs with SGD + momentum on a fixed dataset
 through fxopt.train.distributed (DDP, DistributedSampler, global batch 16); rank 0 writes
-the weights to OUT as safetensors and a JSON line of losses. MODE ``crash``: rank 1 raises
+the weights to OUT as safetensors and a JSON line of losses. MODE ``finetune``: the same
+through ``fxopt.finetune`` (distillation, sparsity masks, validation). MODE ``crash``: rank 1 raises
 at its third step inside ``guarded``. MODE ``backend``: ``setup(BACKEND)`` only.
 """
 
@@ -37,10 +38,33 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
+def finetune_run(out: str) -> int:
+    """The real loop: fxopt.finetune on a sparsified digits MLP with its teacher."""
+    import os
+
+    from train_helpers import digits, mlp, trained  # next to this script
+
+    import fxopt
+    from fxopt.train.loop import finetune
+
+    data = digits(0, 192)
+    teacher = trained(mlp(), data, steps=30)
+    gm = fxopt.optimize(teacher, (data[0][:2],), "default,sparsify(ratio=0.5)").module
+    res = finetune(gm, data, teacher=teacher, epochs=2, batch_size=32, lr=0.05,
+                   optimizer="sgd", seed=0, val_data=digits(1500, 1628))
+    if os.environ.get("RANK", "0") == "0":
+        save_file({k: v.contiguous() for k, v in res.module.state_dict().items()}, out)
+        print(json.dumps({"history": [r["loss"] for r in res.history],
+                          "metric": res.best_metric}))
+    return 0
+
+
 @record
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
+    if mode == "finetune":
+        return finetune_run(out)
     ctx = D.setup(sys.argv[3] if len(sys.argv) > 3 else None, timeout_s=60)
     try:
         if mode == "backend":

@@ -137,6 +137,25 @@ def test_two_processes_reach_the_one_process_weights(tmp_path):
                                rtol=1e-5, atol=1e-6)  # mean of rank losses = global loss
 
 
+def test_finetune_two_processes_match_one(tmp_path):
+    """The real loop (fxopt.finetune with a teacher, masks, validation) under torchrun."""
+    one = run_bounded([sys.executable, str(WORKER), "finetune", str(tmp_path / "one.st")],
+                      cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, str(WORKER), "finetune", str(tmp_path / "two.st"), cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    a, b = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        if k.endswith("weight"):
+            assert torch.equal(a[k] == 0, b[k] == 0)  # the same sparsity mask, exactly
+    h1, h2 = json.loads(one.stdout), json.loads(two.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(torch.tensor(h2["history"]), torch.tensor(h1["history"]),
+                               rtol=1e-5, atol=1e-6)
+    assert h1["metric"] == h2["metric"]
+
+
 def _initial() -> dict[str, torch.Tensor]:
     sys.path.insert(0, str(WORKER.parent))
     try:
