@@ -1,10 +1,12 @@
-"""The ``fxopt`` command: inspect, optimize, check TensorRT readiness, list passes and zoo
-models, run the demo.
+"""The ``fxopt`` command: inspect, optimize, fine-tune, check TensorRT readiness, list passes
+and zoo models, run the demo.
 
     fxopt inspect resnet
     fxopt inspect my_models.py:build --input-shape 1,3,224,224
     fxopt optimize resnet --pipeline default --target eager -o out/resnet
     fxopt optimize resnet --target onnx -o out/resnet-onnx
+    fxopt finetune resnet --pipeline "default,prune(macs=0.5)" --epochs 2 -o out/pruned
+    torchrun --nproc-per-node 2 -m fxopt finetune ...   (see fxopt/cli_train.py)
     fxopt check-trt out/resnet-onnx/model.onnx
     fxopt demo
 """
@@ -415,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a bar chart of the channels each pruned layer keeps (needs a "
                         "prune pass in --pipeline and matplotlib)")
     p.set_defaults(fn=cmd_optimize)
+
+    from fxopt.cli_train import add_parser as add_finetune
+
+    add_finetune(sub, model_args)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser will reject "
                        "(exit 1 on a blocker)")
