@@ -596,6 +596,24 @@ def pad(view) -> Flow:
     return flow
 
 
+def mha_module(view) -> Flow:
+    """``nn.MultiheadAttention`` called as one module: its heads are not declared here,
+    because the module cannot hold fewer heads than ``embed_dim // head_dim``; the prune
+    pass first replaces it by its functional form (``fxopt.passes.prune.attention``),
+    whose ops carry the heads. Every axis blocks, saying which of the two applies."""
+    from fxopt.passes.prune.attention import why_not
+
+    flow = Flow()
+    why = why_not(view.node)
+    reason = (f"nn.MultiheadAttention {view.node.name}: "
+              + (f"kept whole: {why}" if why else "prune() replaces it by linear + sdpa + "
+                 "linear to prune its heads (fxopt.passes.prune.attention)"))
+    for t in _tensor_args(view):
+        for k in range(len(shape(t))):
+            flow.block((t, k), reason)
+    return flow
+
+
 def neutral(view) -> Flow:
     """Shape queries and checks read no channel values."""
     flow = Flow()
@@ -625,4 +643,5 @@ FLOW_RULES: dict[str, Callable[[Any], Flow]] = {
     "channel_first": channel_first,
     "pad": pad,
     "neutral": neutral,
+    "mha_module": mha_module,
 }

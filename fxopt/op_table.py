@@ -136,7 +136,7 @@ _FLOW = {
     "interpolate": "channel_first", "max_pool": "channel_first", "avg_pool": "channel_first",
     "adaptive_avg_pool": "channel_first", "adaptive_max_pool": "channel_first",
     "dropout": "same_index", "identity": "same_index", "assert_metadata": "neutral",
-    "cumsum": "over_dim", "pad": "pad",
+    "cumsum": "over_dim", "pad": "pad", "attention": "mha_module",
 }
 
 

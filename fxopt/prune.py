@@ -14,6 +14,7 @@ from fxopt.passes.prune import (
     Group,
     Member,
     build_graph,
+    decompose_attention,
     groups,
     masked_twin,
     plot_kept,
@@ -21,5 +22,5 @@ from fxopt.passes.prune import (
     zero_consumers,
 )
 
-__all__ = ["Group", "Member", "build_graph", "groups", "masked_twin", "plot_kept",
-           "prune_table", "zero_consumers"]
+__all__ = ["Group", "Member", "build_graph", "decompose_attention", "groups", "masked_twin",
+           "plot_kept", "prune_table", "zero_consumers"]

@@ -113,8 +113,10 @@ def _attr_key(src: fx.Node, name: str | None) -> str:
     target, path = str(src.target), src.meta.get("fxopt_module_path") or ""
     if not path or target.startswith(path + "."):
         return target
-    flat = path.replace(".", "_") + "_"
-    leaf = target[len(flat):] if target.startswith(flat) else name or target.rsplit(".", 1)[-1]
+    flat = path.replace(".", "_")
+    # flatten_modules moves ``a.b.w`` to ``a_b_w``, or a module ``a.b`` to ``a_b`` (``a_b.w``)
+    prefix = next((p for p in (flat + "_", flat + ".") if target.startswith(p)), None)
+    leaf = target[len(prefix):] if prefix else name or target.rsplit(".", 1)[-1]
     return f"{path}.{leaf}"
 
 
@@ -282,7 +284,23 @@ def groups(gm: fx.GraphModule, *, skip=None, hidden: bool = False) -> list[Group
         units, n = _units(g, comp)
         found.append(Group(len(found), comp, members, reasons, params, units, n,
                            inexact if hidden else []))
+    _block_shared(found)
     return found
+
+
+def _block_shared(found: list[Group]) -> None:
+    """A weight dim in two groups (a module called twice on different tensors) would be
+    cut twice, once per group: block every such group, naming the weight."""
+    owners: dict[tuple[str, int], list[Group]] = {}
+    for g in found:
+        for m in {(m.param, m.dim) for m in g.members}:
+            owners.setdefault(m, []).append(g)
+    for (param, dim), gs in owners.items():
+        if len(gs) > 1:
+            for g in gs:
+                g.reasons.append(f"{param} (dim {dim}) also belongs to group "
+                                 f"{[o.id for o in gs if o is not g][0]}: a weight shared "
+                                 "by several calls")
 
 
 def _real_params(params: list[Param]) -> list[Param]:

@@ -19,6 +19,7 @@ from fxopt.errors import PassError
 from fxopt.graph_utils import annotate, copy_graph_module
 from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
+from fxopt.passes.prune.attention import decompose_attention
 from fxopt.passes.prune.groups import graph_path, groups, param_key
 from fxopt.passes.prune.plan import load_plan, replay, search_ratio
 from fxopt.passes.prune.report import layer_counts, layer_report, totals
@@ -79,6 +80,8 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: hidden must be True or False, not {hidden!r}")
     saved = load_plan(plan) if plan is not None else None
     start = time.perf_counter()
+    original = gm
+    gm, decomposed, whole = decompose_attention(gm, tuple(ctx.example_inputs))
     found = groups(gm, skip=skip, hidden=hidden)
     refused = [{"group": g.id, "members": [m.param for m in g.members][:4],
                 "reasons": g.reasons or ["a single channel unit"]}
@@ -89,6 +92,8 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                         f"{r['reasons'][0]}" for r in refused[:8])
         raise PassError(f"prune: nothing in this model can be pruned exactly: {why}")
     stats = {"groups": len(found), "prunable": len(chosen), "refused": refused}
+    if decomposed or whole:
+        stats["attention"] = {"decomposed": decomposed, "kept_whole": whole}
     shown = ctx.options.get("progress")
     batches = None
     if importance == "taylor" and saved is None:
@@ -123,7 +128,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     else:
         removed = pick(ratio)
     if not any(len(r) for r in removed):
-        return PassResult(gm, False, stats | {"plan": []})
+        return PassResult(original, False, stats | {"plan": []})
     copied = time.perf_counter()
     twin = copy_graph_module(gm)  # verification and the report, not counted in ``seconds``
     layers_before, totals_before = layer_counts(gm), totals(gm)
