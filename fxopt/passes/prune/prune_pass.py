@@ -52,7 +52,9 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     (``fxopt.passes.prune.taylor``: the loss is the outputs' squared norm). ``steps=N``
     prunes in N steps of ``ratio / N``, masking the removed units of a private copy and
     re-ranking between steps; the plan is the cumulative one in the original numbering,
-    applied as one shrink and checked against its masked twin.
+    applied as one shrink and checked against its masked twin. With ``macs=``, the ratio
+    for the target is searched once (one-shot ranking), then the N steps run to it;
+    ``stats["macs_kept"]`` is what the pruned graph keeps, next to ``macs_target``.
 
     Example::
 
@@ -60,6 +62,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         fxopt.optimize(model, (x,), "prune(macs=0.5)")
         fxopt.optimize(model, (x,), "prune(ratio=0.5,importance=taylor,steps=3)",
                        calibration=batches)
+        fxopt.optimize(model, (x,), "prune(macs=0.5,steps=3)")
     """
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise PassError(f"prune: ratio must be in [0, 1), not {ratio!r}")
@@ -71,9 +74,6 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: round_to must be a positive integer, not {round_to!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise PassError(f"prune: steps must be a positive integer, not {steps!r}")
-    if steps > 1 and macs is not None:
-        raise PassError("prune: steps= works with ratio=, not with macs= (yet); find the "
-                        "ratio with prune(macs=...) and give it as ratio=")
     if isinstance(skip, str):
         skip = [skip]
     if not isinstance(hidden, bool):
@@ -102,19 +102,14 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     def rank(gs, module):
         return score(gs, module, importance, seed, batches, shown)
 
-    scores = rank(chosen, gm) if saved is None and steps == 1 else None
+    scores = rank(chosen, gm) if saved is None and (steps == 1 or macs is not None) else None
 
     def pick(r: float, s=None):
         return select(chosen, scores if s is None else s, ratio=r, scope=scope,
                       round_to=round_to, max_layer_ratio=max_layer_ratio)
 
-    if saved is not None:
-        removed = replay(chosen, saved)
-    elif steps > 1:
-        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
-        stats |= {"steps": steps, "units_removed_per_step": per_step}
-    elif macs is not None:
-        total = _macs(gm)
+    total = _macs(gm) if macs is not None else None
+    if saved is None and macs is not None:  # the one-shot ratio for the target, found once
 
         def macs_after(r: float) -> int:
             trial = copy_graph_module(gm)  # same node names, so the same groups in order
@@ -123,8 +118,12 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
 
         ratio, kept = search_ratio(macs_after, total, macs)
-        stats |= {"ratio": ratio, "macs_kept": kept, "macs_target": macs}
-        removed = pick(ratio)
+        stats |= {"ratio": ratio, "macs_target": macs, "macs_kept_search": kept}
+    if saved is not None:
+        removed = replay(chosen, saved)
+    elif steps > 1:  # the N-step schedule to that ratio, re-ranking in between
+        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
+        stats |= {"steps": steps, "units_removed_per_step": per_step}
     else:
         removed = pick(ratio)
     if not any(len(r) for r in removed):
@@ -140,6 +139,13 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     zero_consumers(twin, done, key="attr")
     error = check_twin(gm, twin, tuple(ctx.example_inputs))
     annotate(gm, tuple(ctx.example_inputs))  # shapes after the shrink, for the MACs
+    if macs is not None:  # what the pruned graph keeps (steps= may pick other channels)
+        stats["macs_kept"] = _macs(gm) / total
+        if abs(stats["macs_kept"] - macs) > 0.03:
+            stats["macs_note"] = (
+                f"keeps {stats['macs_kept']:.3f} of the MACs for a target of {macs:.3f}: "
+                f"the {steps} steps re-ranked channels into other layers than the one-shot "
+                "search at that ratio (scope=local keeps the per-layer counts)")
     report = layer_report(layers_before, layer_counts(gm), _kept(widths, done), totals_before,
                           totals(gm))
     stats |= {"plan": done, "twin_error": error, "seconds": seconds, "report": report,
