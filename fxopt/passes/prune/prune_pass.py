@@ -79,6 +79,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     if not isinstance(hidden, bool):
         raise PassError(f"prune: hidden must be True or False, not {hidden!r}")
     saved = load_plan(plan) if plan is not None else None
+    asked = ratio
     start = time.perf_counter()
     original = gm
     gm, decomposed, whole = decompose_attention(gm, tuple(ctx.example_inputs))
@@ -130,7 +131,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         return PassResult(original, False, stats | {"plan": []})
     copied = time.perf_counter()
     twin = copy_graph_module(gm)  # verification and the report, not counted in ``seconds``
-    layers_before, totals_before = layer_counts(gm), totals(gm)
+    layers_before, totals_before = layer_counts(original), totals(original)  # as given
     widths = _producer_widths(gm, chosen)
     start += time.perf_counter() - copied
     done = shrink(gm, chosen, removed)
@@ -148,6 +149,16 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                 "search at that ratio (scope=local keeps the per-layer counts)")
     report = layer_report(layers_before, layer_counts(gm), _kept(widths, done), totals_before,
                           totals(gm))
+    units = sum(g.n_units for g in chosen)
+    report["target"] = {"ratio": None if saved is not None else asked, "macs": macs,
+                        "plan": saved is not None, "ratio_used": ratio if saved is None else None}
+    report["achieved"]["channels_removed"] = round(sum(len(r) for r in removed) / units, 4)
+    report["not_exact"] = [_inexact_entry(g, entry) for g, entry in
+                           zip([g for g, r in zip(chosen, removed, strict=True) if len(r)],
+                               done, strict=True) if not g.exact]
+    inexact_layers = {x for e in report["not_exact"] for x in e["layers"]}
+    for row in report["layers"]:
+        row["exact"] = row["layer"] not in inexact_layers
     stats |= {"plan": done, "twin_error": error, "seconds": seconds, "report": report,
               "units_removed": sum(len(r) for r in removed),
               "units_in_pruned_groups": sum(p["units"] for p in done)}
@@ -159,6 +170,16 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                     "groups only (these are shrunk in the twin too, so they are verified only "
                     "to run with consistent shapes)"}
     return PassResult(gm, True, stats)
+
+
+def _inexact_entry(group, entry: dict) -> dict:
+    """The report's line for a group pruned with ``hidden=True``: its layers and why it is
+    not exact."""
+    order = {"producer": 0, "passthrough": 1, "consumer": 2}
+    members = sorted(entry["members"], key=lambda m: order[m["role"]])
+    layers = list(dict.fromkeys(m["param"].rpartition(".")[0] or m["param"] for m in members))
+    return {"group": entry["group"], "layers": layers, "removed_units": entry["removed_units"],
+            "units": entry["units"], "reason": group.inexact[0]}
 
 
 def _shrink_inexact(twin, chosen, removed, skip) -> list[int]:
