@@ -234,7 +234,7 @@ def over_dim(view) -> Flow:
     statistic = view.kind in _STATISTICS and len(dims) == 1
     for k in range(len(sx)):
         if k in dims:
-            why = f"{view.kind} {view.node.name} mixes values along axis {k}"
+            why = f"{view.kind} {view.node.name} mixes channels: it reduces over axis {k}"
             if statistic:  # an RMSNorm written out: x.pow(2).mean(-1, keepdim=True)
                 flow.approximate((x, k), why + " (a statistic: prune(hidden=True) allows it, "
                                  "not exact)")
@@ -471,11 +471,25 @@ def index(view) -> Flow:
     if sx is None or so is None:
         return flow
     target = view.node.target
+    rows = view.node.args[1] if len(view.node.args) > 1 else None
+    if target is not operator.getitem and isinstance(rows, (list, tuple)) and len(rows) == 1:
+        rows = rows[0]  # aten.index.Tensor(x, [idx])
+    if shape(rows) is not None and len(so) == len(shape(rows)) + len(sx) - 1:
+        # x[idx] with one index tensor gathers along axis 0: the result is idx.shape +
+        # x.shape[1:], so x's other axes pass through (a relative position bias table's
+        # head axis)
+        r = len(shape(rows))
+        flow.block((x, 0), f"{view.node.name} gathers along axis 0")
+        for k in range(1, len(sx)):
+            flow.link((x, k), (out, r + k - 1))
+        for k in range(r):
+            flow.block((out, k), f"{view.node.name}: axis {k} holds gathered rows")
+        return flow
     if target is operator.getitem:
         idx = view.node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
     elif not isinstance(view.node.args[1] if len(view.node.args) > 1 else 0, int):
-        # aten.index.Tensor(x, [tensors]): a gather whose result axes are not x's axes
+        # any other aten.index.Tensor: a gather whose result axes are not x's axes
         for k in range(len(sx)):
             flow.block((x, k), f"{view.node.name} gathers by a tensor index")
         for k in range(len(so)):
@@ -527,7 +541,9 @@ def index(view) -> Flow:
 def sdpa(view) -> Flow:
     """scaled_dot_product_attention: the head axis (-3) of q, k, v and the output is one
     index; the sequence axes pass q -> out and k <-> v; ``head_dim`` sets the scale and is
-    blocked."""
+    blocked. An ``attn_mask`` broadcasts against (..., heads, L, S): its axes of full size
+    carry those indices (a per-head bias, as Swin's relative position bias, loses the
+    pruned heads with them)."""
     flow = Flow()
     q, k, v = view.arg("query"), view.arg("key"), view.arg("value")
     out = view.node
@@ -541,6 +557,16 @@ def sdpa(view) -> Flow:
             flow.link((q, b), (t, b))
     flow.link((q, n - 2), (out, n - 2))
     flow.link((k, n - 2), (v, n - 2))
+    mask = view.arg("attn_mask")
+    sm = shape(mask)
+    if sm is not None and len(sm) <= n:  # broadcast against (..., heads, L, S)
+        ref = [*((q, b) for b in range(n - 2)), (q, n - 2), (k, n - 2)]
+        full = [*sq[:n - 2], sq[n - 2], sk[n - 2]]
+        for j in range(1, len(sm) + 1):
+            if sm[-j] == full[-j]:
+                flow.link((mask, len(sm) - j), ref[-j])
+            elif sm[-j] == 1:
+                flow.handled.add((mask, len(sm) - j))
     why = f"{view.node.name}: head_dim sets the attention scale"
     flow.block((q, n - 1), why)
     flow.block((k, n - 1), why)

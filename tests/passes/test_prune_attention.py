@@ -9,10 +9,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxopt
 from fxopt import zoo
+from fxopt.ops import fetch_attr
 from fxopt.passes.prune.attention import decompose_attention
 from fxopt.prune import masked_twin
 from fxopt.verify import EXACT, compare_outputs
@@ -179,3 +181,43 @@ def test_gqa_heads_keep_the_query_per_kv_ratio_in_both_forms(mode):
     kept_k = sd["blocks.0.attn.k_proj.weight"].shape[0] - len(k["indices"])
     assert kept_q == 2 * kept_k
     _check_twin(model, res, stats["plan"], zoo.get("gqa").make_inputs(3))
+
+
+class _BiasedHeads(nn.Module):
+    """Swin-style attention: a per-head bias gathered from a table by a position index,
+    passed to SDPA as the mask."""
+
+    def __init__(self, dim=16, heads=4, n=6):
+        super().__init__()
+        self.heads, self.n = heads, n
+        self.inp, self.out = nn.Linear(5, dim), nn.Linear(dim, 3)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        pos = torch.arange(n)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + n - 1).reshape(-1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, s, _ = h.shape
+        q, k, v = (p(h).view(b, s, -1, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        bias = self.table[self.index].view(self.n, self.n, -1).permute(2, 0, 1).unsqueeze(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(b, s, -1)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gathered_per_head_bias_loses_the_pruned_heads(mode):
+    torch.manual_seed(0)
+    model, x = _BiasedHeads().eval(), torch.randn(2, 6, 5)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    (g,) = [g for g in fxopt.prune.groups(gm)
+            if any((m.param, m.dim) == ("q.weight", 0) for m in g.members)]
+    assert g.prunable and g.n_units == 4
+    roles = {(m.param, m.dim): m.role for m in g.members}
+    assert roles[("table", 1)] == "passthrough" and roles[("o.weight", 1)] == "consumer"
+    res, stats = _prune(model, (x,), mode)
+    (entry,) = [e for e in stats["plan"] if any(m["param"] == "table" for m in e["members"])]
+    (table,) = [m for m in entry["members"] if m["param"] == "table"]
+    assert entry["removed_units"] == 2 and len(table["indices"]) == 2
+    assert fetch_attr(res.module, table["attr"]).shape == (11, 2)  # the table lost 2 heads
+    _check_twin(model, res, stats["plan"], (torch.randn(2, 6, 5),))

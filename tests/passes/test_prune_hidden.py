@@ -63,7 +63,7 @@ def test_hidden_false_keeps_the_width_and_says_why(name, mode, embed):
     gm = fxopt.prune.decompose_attention(gm, inputs)[0]  # what the pass groups on
     (refused,) = [g for g in fxopt.prune.groups(gm) if any(m.param == embed for m in g.members)]
     assert not refused.prunable and refused.exact
-    assert any("normalizes over axis" in r or "mixes values" in r for r in refused.reasons)
+    assert any("normalizes over axis" in r or "mixes channels" in r for r in refused.reasons)
     assert any("hidden=True" in r for r in refused.reasons)
     (asked,) = [g for g in fxopt.prune.groups(gm, hidden=True)
                 if any(m.param == embed for m in g.members)]
