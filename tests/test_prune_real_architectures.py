@@ -121,3 +121,26 @@ def test_pruned_equals_masked_twin_from_plan(name):
         assert report.ok(EXACT), (name, report.rel)
     assert not compare_outputs(original, got, EXACT).ok(EXACT)  # pruning changed something
     assert planned  # at least one member was located by the plan alone
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet-v2", "convnext"])
+def test_a_plan_made_after_default_applies_to_the_users_model(name, tmp_path):
+    """``default,prune(ratio=0.5)`` folds batch norms (and layer scales) first; the plan
+    still names only the user's state_dict keys (the folded tensors as passthrough
+    members), its state_dict twin equals the pruned graph, and replaying the JSON plan
+    after ``default`` gives the same weights."""
+    arch = ARCHITECTURES[name]
+    model = arch.build()
+    res = fxopt.optimize(model, arch.make_inputs(), "default,prune(ratio=0.5)")
+    plan = json.loads(json.dumps(res.report.records[-1].stats["plan"]))
+    sd = model.state_dict()
+    assert plan and all(m["param"] in sd for g in plan for m in g["members"])
+    fresh = arch.make_inputs(batch=2, seed=1)
+    with torch.no_grad():
+        got = res.module(*fresh)
+        assert compare_outputs(_state_dict_twin(model, plan)(*fresh), got, EXACT).ok(EXACT)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    again = fxopt.optimize(model, arch.make_inputs(), f"default,prune(plan={str(path)!r})")
+    a, b = res.module.state_dict(), again.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
