@@ -136,9 +136,12 @@ def _target_line(stats: dict[str, Any], report: dict[str, Any]) -> str:
                 f"{stats['ratio']:.3f})")
     if target.get("ratio") is not None:
         got = report["achieved"].get("channels_removed")
+        if got is None:
+            return f"target ratio {target['ratio']:.3f}"
+        why = (" (whole units, round_to, max_layer_ratio or scope=global move it)"
+               if abs(got - target["ratio"]) >= 5e-4 else "")
         return (f"target ratio {target['ratio']:.3f} of the channels of each prunable group, "
-                f"achieved {got:.3f} overall (round_to / max_layer_ratio / unit sizes)"
-                if got is not None else f"target ratio {target['ratio']:.3f}")
+                f"achieved {got:.3f} overall{why}")
     return "target: -"
 
 
