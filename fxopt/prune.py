@@ -3,6 +3,7 @@
 Example::
 
     gs = fxopt.prune.groups(fxopt.capture(model, (x,)))
+    gm, replaced, kept = fxopt.prune.decompose_attention(gm, (x,))  # MHA heads, as prune sees
     res = fxopt.optimize(model, (x,), "prune(ratio=0.5)")
     stats = res.report.records[-1].stats
     twin = fxopt.prune.masked_twin(model, stats["plan"])

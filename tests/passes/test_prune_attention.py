@@ -221,3 +221,14 @@ def test_a_gathered_per_head_bias_loses_the_pruned_heads(mode):
     assert entry["removed_units"] == 2 and len(table["indices"]) == 2
     assert fetch_attr(res.module, table["attr"]).shape == (11, 2)  # the table lost 2 heads
     _check_twin(model, res, stats["plan"], (torch.randn(2, 6, 5),))
+
+
+def test_pruned_heads_lower_to_eager_and_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = zoo.load("transformer")
+    res = fxopt.optimize(model.eval(), inputs, "prune(ratio=0.5),default", mode="symbolic")
+    eager = fxopt.load(fxopt.lower(res.module, "eager", inputs, path=tmp_path / "m").path)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(*inputs), res.module(*inputs), rtol=1e-5, atol=1e-5)
+    art = fxopt.lower(res.module, "onnx", inputs, path=tmp_path / "m.onnx")
+    assert all(c["max_rel"] <= 1e-4 for c in art.manifest["verified"].values())
