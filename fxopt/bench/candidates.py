@@ -291,8 +291,8 @@ def _weights_bytes(model: nn.Module) -> int:
 
 def _files_bytes(path: Path) -> int:
     if path.is_file():
-        extra = Path(f"{path}.data")
-        return path.stat().st_size + (extra.stat().st_size if extra.is_file() else 0)
+        extra = [Path(f"{path}{s}") for s in (".data", ".json")]  # external data, manifest
+        return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -363,15 +363,19 @@ def _build_onnx(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
 
 
 def _tensorrt_missing() -> str | None:
+    """Why the TensorRT candidate cannot run here (None: it can)."""
+    import importlib.util
+
     from fxopt.lowering import targets
 
-    if "tensorrt" in targets():
-        return None
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed (pip install 'fxopt[tensorrt]'; needs an NVIDIA GPU)"
-    return "this fxopt has no 'tensorrt' lowering target registered"
+    if importlib.util.find_spec("tensorrt") is None:
+        return ("TensorRT is not installed (pip install 'fxopt[tensorrt]'; needs an NVIDIA "
+                "GPU)")
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here (torch.cuda.is_available() is False); TensorRT needs one"
+    if "tensorrt" not in targets():
+        return "this fxopt has no 'tensorrt' lowering target registered"
+    return None
 
 
 def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
@@ -398,8 +402,8 @@ def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
     # tensorrt: through fxopt's lowering target, registered by its optional backend
     path = workdir / f"{cand.name}-{cand.key()}.engine"
     gm = _optimized(cand, model, inputs, calibration)
-    art = fxopt.lower(gm, "tensorrt", inputs, path=path,
-                      **{k: v for k, v in cand.options if k != "threads"})
+    art = fxopt.lower(gm, "tensorrt", inputs, path=path, tolerance=LOOSE,
+                      **{k: v for k, v in cand.options if k not in ("threads", "dynamic_batch")})
     return art, path, _files_bytes(path)
 
 

@@ -150,3 +150,16 @@ def test_agreement_and_evaluate():
         evaluate(model, [], top1)
     with pytest.raises(SpecError, match="number"):
         evaluate(model, [(x, labels)], lambda out, t: "high")
+
+
+def test_tensorrt_without_a_gpu_is_skipped_with_that_reason(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorrt" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, inputs = _mlp()
+    built = build(Candidate("tensorrt-fp16", "tensorrt", "default"), model, inputs,
+                  workdir=tmp_path)
+    assert built.skipped and "no CUDA GPU" in built.error
