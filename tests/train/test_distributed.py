@@ -180,3 +180,36 @@ def test_missing_backend_under_torchrun_is_typed(tmp_path):
     assert res.returncode != 0
     text = res.stdout + res.stderr
     assert "DistributedError" in text and "'nccl'" in text and "backend='gloo'" in text
+
+
+def test_sync_batch_norms_share_state_and_restore():
+    """What wrap() does on CUDA, checked on CPU (eval forward needs no process group)."""
+    import fxopt
+    from fxopt import zoo
+    from fxopt.train.structure import StructureKeeper
+
+    model, x = zoo.load("resnet")
+    gm = fxopt.capture(model, x, mode="symbolic")
+    want = gm(*x)
+    params = {id(p) for p in gm.parameters()}
+    count = D.sync_batch_norms(gm)
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in gm.modules()) == count
+    assert {id(p) for p in gm.parameters()} == params  # an optimizer built before still works
+    torch.testing.assert_close(gm(*x), want)
+    assert D.restore_batch_norms(gm) == count and D.restore_batch_norms(gm) == 0
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in gm.modules())
+    assert {id(p) for p in gm.parameters()} == params
+    torch.testing.assert_close(gm(*x), want)
+    frozen = fxopt.capture(model, x, mode="symbolic")
+    keeper = StructureKeeper.from_graph(frozen, bn="frozen")
+    trained = keeper.prepare(frozen)
+    assert D.sync_batch_norms(trained) == 0  # frozen statistics need no synchronisation
+    trained.eval()
+    plain = fxopt.capture(model, x, mode="symbolic")
+    keeper = StructureKeeper.from_graph(plain)
+    trained = keeper.prepare(plain)
+    assert D.sync_batch_norms(trained) == count
+    out = keeper.finish(trained)  # finish turns them back
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in out.modules())
+    torch.testing.assert_close(out(*x), want)
