@@ -48,7 +48,7 @@ from fxopt.train.losses import (
     resolve_node,
     tap,
 )
-from fxopt.train.metrics import choose_metric, evaluate
+from fxopt.train.metrics import choose_metric, eval_mode, evaluate
 from fxopt.train.structure import StructureKeeper
 
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -282,7 +282,7 @@ class _Run:
     def _adapters(self, pairs):
         if not pairs:
             return []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.module):  # no BN statistics updated
             out, s_feats = self.train_module(*self.sample)
             t_out, t_feats = self.teacher(*self.sample)
         check_teacher_outputs(out, t_out)
@@ -308,7 +308,7 @@ class _Run:
         a = self.a
         teacher_out_checked = self.teacher.module is None or bool(a["features"])
         if not teacher_out_checked:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.module):
                 check_teacher_outputs(self.module(*self.sample), self.teacher(*self.sample))
         state = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_epoch": None,
                  "sums": {}, "seen": 0, "seconds": 0.0, "skipped": 0}
