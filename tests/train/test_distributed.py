@@ -174,6 +174,33 @@ def test_crash_on_one_rank_stops_all_and_names_it(tmp_path):
     assert not (tmp_path / "w.safetensors").exists()  # rank 0 never wrote a result
 
 
+def test_crash_stops_the_other_rank_without_an_agent(tmp_path):
+    """No torchrun agent to kill anyone: rank 0, blocked in DDP's all-reduce, sees gloo's
+    closed connection and raises rank 1's own error, read from the group's store."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "crash", str(tmp_path / "w.st")], cwd=tmp_path,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True))
+    errs = []
+    for proc in procs:
+        try:
+            errs.append(proc.communicate(timeout=TIMEOUT_S)[1])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("a rank did not stop after the other crashed")
+    assert [p.returncode for p in procs] == [1, 1]
+    assert ("DistributedError: rank 1 of 2 failed during training: ValueError: synthetic "
+            "failure at step 2 (rank 0 stopped: RuntimeError)") in errs[0]
+    assert "fxopt: rank 1 of 2 failed during training" in errs[1]
+    assert not (tmp_path / "w.st").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of nccl")
 def test_missing_backend_under_torchrun_is_typed(tmp_path):
     res = torchrun(2, str(WORKER), "backend", str(tmp_path / "w"), "nccl", cwd=tmp_path)
