@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from fxopt.errors import FxoptError, SpecError
 
-__all__ = ["add_parser", "cmd_finetune", "load_dataset"]
+__all__ = ["add_parser", "cmd_finetune", "load_dataset", "training_data"]
 
 
 def load_dataset(spec: str, n_inputs: int, flag: str) -> Dataset:
@@ -70,6 +70,29 @@ def load_dataset(spec: str, n_inputs: int, flag: str) -> Dataset:
     except TypeError as e:
         raise SpecError(f"{flag} {spec}: the factory returned {type(made).__name__}, not a "
                         "Dataset, an (X, Y) pair of tensors or a list of item tuples") from e
+
+
+def training_data(args: argparse.Namespace, passes: list, inputs: tuple) -> dict:
+    """``fxopt optimize``'s ``--train-data`` / ``--val-data``, for the pipeline's
+    ``finetune(...)`` stages, as ``fxopt.optimize`` keywords (checked against the inputs).
+
+    >>> fxopt.optimize(model, inputs, spec, **training_data(args, passes, inputs))  # doctest: +SKIP
+    """
+    stages = any(p.name == "finetune" for p in passes)
+    if stages and not args.train_data:
+        raise SpecError(f"--pipeline {args.pipeline!r} has a finetune stage: give --train-data "
+                        "SPEC (file.py:fn returning a Dataset of (inputs..., label) items), or "
+                        "use fxopt finetune, which can train on random inputs")
+    if not stages and (args.train_data or args.val_data):
+        raise SpecError("--train-data / --val-data feed finetune(...) stages, and --pipeline "
+                        f"{args.pipeline!r} has none; add one, e.g. '...,finetune(epochs=2)'")
+    out = {}
+    for key, flag, spec in (("train_data", "--train-data", args.train_data),
+                            ("val_data", "--val-data", args.val_data)):
+        if spec:
+            out[key] = load_dataset(spec, len(inputs), flag)
+            _check_items(out[key], inputs, flag)
+    return out
 
 
 def _random_data(inputs: tuple, samples: int) -> Dataset:

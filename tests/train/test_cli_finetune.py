@@ -88,6 +88,23 @@ def test_pipeline_finetune_stages_train_on_the_same_data(tmp_path, capsys):
     assert zeros / sum(v.numel() for k, v in weights.items() if k.endswith("weight")) >= 0.5
 
 
+def test_optimize_feeds_finetune_stages(tmp_path, capsys):
+    art = tmp_path / "art"
+    base = ["optimize", f"{DIGITS}:model", "-o", str(art)]
+    stage = ["--pipeline", "default,sparsify(ratio=0.5),finetune(epochs=1)"]
+    assert main([*base, *stage]) == 2
+    assert "has a finetune stage: give --train-data" in capsys.readouterr().err
+    assert main([*base, "--train-data", f"{DIGITS}:train_set"]) == 2
+    assert "has none; add one" in capsys.readouterr().err
+    assert main([*base, *stage, "--train-data", f"{DIGITS}:bad_train_set"]) == 2
+    assert "input 0 is (2, 65) float32" in capsys.readouterr().err
+    assert not art.exists()
+    rc = main([*base, *stage, "--train-data", f"{DIGITS}:train_set", "--val-data",
+               f"{DIGITS}:val_set"])
+    assert rc == 0, capsys.readouterr().err
+    assert "finetune(epochs=1)" in capsys.readouterr().out and art.is_dir()
+
+
 def test_no_output_is_refused(capsys):
     assert main(["finetune", "mlp"]) == 2
     assert "-o/--output" in capsys.readouterr().err
