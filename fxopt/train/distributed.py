@@ -37,6 +37,7 @@ ones exported); learnable scales are parameters, all-reduced like the weights.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -58,6 +59,7 @@ __all__ = ["DistContext", "setup", "teardown", "wrap", "unwrap", "loader", "redu
 
 BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 _FAILED_KEY = "fxopt/failed_rank"  # set in the group's store by the first rank that fails
+_failed = False  # set by guarded() when this rank raised: teardown() then skips its barrier
 _SYNC_BN = "_fxopt_sync_bn"  # on a module: {path: the BN class a SyncBatchNorm replaced}
 
 
@@ -189,10 +191,24 @@ def setup(backend: str | None = None, timeout_s: float = 300, *,
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group ``setup`` created (a no-op otherwise).
 
+    After a clean run the ranks first wait for each other, so none closes its connections
+    while a peer still talks; DDP wrappers no longer referenced are collected before and
+    after, so no gloo worker thread outlives the interpreter (a process-exit abort,
+    "terminate called without an active exception", otherwise). Drop your references to
+    the wrapped model before calling it.
+
     >>> teardown(setup())
     """
-    if ctx.owns_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (ctx.owns_group and dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if not _failed:
+        try:  # bounded by setup()'s timeout_s; rank 0 may still be writing the artifact
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer is gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- model
@@ -441,6 +457,8 @@ def guarded(ctx: DistContext, what: str = "training") -> Iterator[None]:
 
 
 def _rank_error(ctx: DistContext, what: str, e: BaseException) -> DistributedError:
+    global _failed
+    _failed = True
     store = _store()
     # a collective that failed because a peer died: prefer that peer's own error
     other = _failed_rank(store, wait_s=2.0 if isinstance(e, RuntimeError) else 0.0)
