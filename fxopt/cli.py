@@ -246,8 +246,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         # calibration (--calibration-data pkg.module:factory gives real batches)
         calibration = [inputs] + [random_like_inputs(inputs, seed=i + 1)
                                   for i in range(max((args.calibration_batches or 8) - 1, 0))]
+    from fxopt.cli_train import training_data
+
+    training = training_data(args, passes, inputs)
     res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, dump_dir=args.dump_dir,
-                         progress=_progress, calibration=calibration)
+                         progress=_progress, calibration=calibration, **training)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun (a finetune stage trained with DDP): rank 0 writes
     print(res.report)
     for record in res.report:
         if record.name == "sparsify" and record.modified:
@@ -413,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static int8: use at most N batches of --calibration-data (default "
                         "all); without it, the example and N-1 random batches like it "
                         "(default 8)")
+    p.add_argument("--train-data", metavar="SPEC",
+                   help="data for finetune(...) stages in --pipeline: file.py:fn or "
+                        "pkg.module:fn returning a Dataset of (inputs..., [label]) items")
+    p.add_argument("--val-data", metavar="SPEC", help="validation data for finetune stages")
     p.add_argument("--report-json", help="write the per-pass report as JSON")
     p.add_argument("--prune-plot", metavar="FILE.png",
                    help="write a bar chart of the channels each pruned layer keeps (needs a "

@@ -2,6 +2,8 @@
 model as teacher, and write the artifact; on one process or many under ``torchrun``.
 
     fxopt finetune resnet --pipeline "default,prune(macs=0.5)" --epochs 2
+    fxopt finetune my.py:build --train-data my.py:train_set --epochs 1 \
+        --pipeline "default,prune(macs=0.5),finetune(epochs=3),quantize(scheme=int8)"
     fxopt finetune my.py:build --pipeline "default,sparsify(ratio=0.8)" \\
         --train-data my.py:train_set --val-data my.py:val_set --budget 0.97 -o out/model
     torchrun --nproc-per-node 2 -m fxopt finetune my.py:build --train-data my.py:train_set \\
@@ -14,7 +16,9 @@ an optional label), an ``(X, Y)`` pair of tensors, or a list of such tuples. Wit
 distilled from the original model (a smoke test, not a recovery). Static int8 pipelines
 calibrate on the first training batches. Under torchrun every rank runs the pipeline and
 trains on its share of each global batch (``--batch-size`` is global); only rank 0 writes
-logs, checkpoints, the history and the artifact.
+logs, checkpoints, the history and the artifact. ``finetune(...)`` stages inside
+``--pipeline`` train on the same data (prune, fine-tune, quantize, then ``--epochs`` of
+QAT); ``--epochs 0`` leaves the training to them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch.utils.data import Dataset
 
 from fxopt.errors import FxoptError, SpecError
 
-__all__ = ["add_parser", "cmd_finetune", "load_dataset"]
+__all__ = ["add_parser", "cmd_finetune", "load_dataset", "training_data"]
 
 
 def load_dataset(spec: str, n_inputs: int, flag: str) -> Dataset:
@@ -66,6 +70,29 @@ def load_dataset(spec: str, n_inputs: int, flag: str) -> Dataset:
     except TypeError as e:
         raise SpecError(f"{flag} {spec}: the factory returned {type(made).__name__}, not a "
                         "Dataset, an (X, Y) pair of tensors or a list of item tuples") from e
+
+
+def training_data(args: argparse.Namespace, passes: list, inputs: tuple) -> dict:
+    """``fxopt optimize``'s ``--train-data`` / ``--val-data``, for the pipeline's
+    ``finetune(...)`` stages, as ``fxopt.optimize`` keywords (checked against the inputs).
+
+    >>> fxopt.optimize(model, inputs, spec, **training_data(args, passes, inputs))  # doctest: +SKIP
+    """
+    stages = any(p.name == "finetune" for p in passes)
+    if stages and not args.train_data:
+        raise SpecError(f"--pipeline {args.pipeline!r} has a finetune stage: give --train-data "
+                        "SPEC (file.py:fn returning a Dataset of (inputs..., label) items), or "
+                        "use fxopt finetune, which can train on random inputs")
+    if not stages and (args.train_data or args.val_data):
+        raise SpecError("--train-data / --val-data feed finetune(...) stages, and --pipeline "
+                        f"{args.pipeline!r} has none; add one, e.g. '...,finetune(epochs=2)'")
+    out = {}
+    for key, flag, spec in (("train_data", "--train-data", args.train_data),
+                            ("val_data", "--val-data", args.val_data)):
+        if spec:
+            out[key] = load_dataset(spec, len(inputs), flag)
+            _check_items(out[key], inputs, flag)
+    return out
 
 
 def _random_data(inputs: tuple, samples: int) -> Dataset:
@@ -125,15 +152,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from fxopt.train.loop import finetune
 
     passes = parse_pipeline(args.pipeline)  # a bad spec fails before any work
-    if any(p.name == "finetune" for p in passes):
-        raise SpecError("fxopt finetune trains after --pipeline; drop the finetune stage from "
-                        f"--pipeline {args.pipeline!r} and use --epochs / --lr instead")
+    stages = any(p.name == "finetune" for p in passes)
     if args.target not in ("eager", "onnx"):
         raise SpecError(f"--target {args.target!r}: use eager or onnx")
-    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
-                        ("--random-samples", args.random_samples)):
+    for flag, value in (("--batch-size", args.batch_size), ("--random-samples",
+                                                            args.random_samples)):
         if value < 1:
             raise SpecError(f"{flag} must be a positive integer, got {value}")
+    if args.epochs < 0 or (args.epochs == 0 and not stages):
+        raise SpecError(f"--epochs {args.epochs}: give the epochs to train after --pipeline "
+                        "(>= 1), or 0 when --pipeline's own finetune(...) stages do the "
+                        "training")
     if args.output is None and args.history_json is None:
         raise SpecError("give -o/--output (the artifact) or --history-json, or nothing is kept")
     ctx = distributed.setup(args.backend)
@@ -160,9 +189,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             calibration = _calibration(train, n_inputs, args.batch_size,
                                        args.calibration_batches)
             res = fxopt.optimize(model, inputs, args.pipeline, mode=args.mode, progress=say,
-                                 calibration=calibration)
+                                 calibration=calibration, train_data=train, val_data=val)
             if ctx.is_main:
                 print(res.report)
+            staged = [{"pass": r.spec, **r.stats}
+                      for r in res.report if r.name == "finetune"]
+            if not args.epochs:  # the pipeline's finetune stages did the training
+                if ctx.is_main:
+                    _finish(args, name, ctx, res.module, inputs, None, staged, say)
+                return 0
             out = finetune(
                 res.module, train, teacher=None if args.no_teacher else model,
                 epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -171,24 +206,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 budget=args.budget, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
                 checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
                 T=args.temperature, alpha=args.alpha, progress=None)
-            if not ctx.is_main:
-                return 0
-            _report(out)
-            if args.history_json:
-                _write_json(Path(args.history_json), {
-                    "model": name, "pipeline": args.pipeline, "world": ctx.describe(),
-                    "history": out.history, "best_metric": out.best_metric,
-                    "best_epoch": out.best_epoch, "stopped_early": out.stopped_early,
-                    "steps": out.steps, "metric": out.metric, "amp": out.amp,
-                    "structure": out.structure, "checkpoint": out.checkpoint})
-            if args.output:
-                say(f"lowering to {args.target}")
-                art = fxopt.lower(out.module, args.target, inputs, path=args.output)
-                print(f"wrote {args.target} artifact to {art.path} (verified against the "
-                      "trained graph)")
+            if ctx.is_main:
+                _report(out)
+                _finish(args, name, ctx, out.module, inputs, out, staged, say)
             return 0
     finally:
         distributed.teardown(ctx)
+
+
+def _finish(args: argparse.Namespace, name: str, ctx: Any, module: Any, inputs: tuple,
+            out: Any, staged: list, say: Any) -> None:
+    """Rank 0: the history JSON and the artifact."""
+    import fxopt
+
+    if args.history_json:
+        info = {"model": name, "pipeline": args.pipeline, "world": ctx.describe(),
+                "stages": staged}
+        if out is not None:
+            info.update({"history": out.history, "best_metric": out.best_metric,
+                         "best_epoch": out.best_epoch, "stopped_early": out.stopped_early,
+                         "steps": out.steps, "metric": out.metric, "amp": out.amp,
+                         "structure": out.structure, "checkpoint": out.checkpoint})
+        _write_json(Path(args.history_json), info)
+    if args.output:
+        say(f"lowering to {args.target}")
+        art = fxopt.lower(module, args.target, inputs, path=args.output)
+        print(f"wrote {args.target} artifact to {art.path} (verified against the trained "
+              "graph)")
 
 
 def _report(out: Any) -> None:
@@ -234,7 +278,9 @@ def add_parser(sub: Any, model_args: Any) -> None:
                         "[label]) items or an (X, Y) pair (default: random inputs, distilled)")
     p.add_argument("--val-data", metavar="SPEC", help="validation data, same form; a metric "
                    "is measured each epoch and the best epoch kept")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="passes over the data after --pipeline (default 1; 0 when "
+                        "--pipeline's finetune(...) stages train)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="GLOBAL batch, split over torchrun processes (default 32)")

@@ -37,6 +37,7 @@ ones exported); learnable scales are parameters, all-reduced like the weights.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -54,11 +55,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from fxopt.errors import DistributedError
 
 __all__ = ["DistContext", "setup", "teardown", "wrap", "unwrap", "loader", "reduce_mean",
-           "broadcast_object", "guarded"]
+           "broadcast_object", "guarded", "sync_batch_norms", "restore_batch_norms"]
 
 BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 _FAILED_KEY = "fxopt/failed_rank"  # set in the group's store by the first rank that fails
-_SYNC_BN = "_fxopt_sync_bn"  # on a DDP wrapper: {module path: original BN class}
+_failed = False  # set by guarded() when this rank raised: teardown() then skips its barrier
+_SYNC_BN = "_fxopt_sync_bn"  # on a module: {path: the BN class a SyncBatchNorm replaced}
 
 
 @dataclass(frozen=True)
@@ -189,10 +191,24 @@ def setup(backend: str | None = None, timeout_s: float = 300, *,
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group ``setup`` created (a no-op otherwise).
 
+    After a clean run the ranks first wait for each other, so none closes its connections
+    while a peer still talks; DDP wrappers no longer referenced are collected before and
+    after, so no gloo worker thread outlives the interpreter (a process-exit abort,
+    "terminate called without an active exception", otherwise). Drop your references to
+    the wrapped model before calling it.
+
     >>> teardown(setup())
     """
-    if ctx.owns_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (ctx.owns_group and dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if not _failed:
+        try:  # bounded by setup()'s timeout_s; rank 0 may still be writing the artifact
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer is gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- model
@@ -201,7 +217,8 @@ def wrap(module: nn.Module, ctx: DistContext, *, sync_bn: bool = True,
     """``module`` in ``DistributedDataParallel`` when ``ctx.world_size > 1`` (else itself).
 
     Move it to ``ctx.device`` first. On CUDA with ``sync_bn``, batch-norm modules become
-    ``SyncBatchNorm`` (statistics over the global batch; ``unwrap`` turns them back); on CPU
+    ``SyncBatchNorm`` in place (statistics over the global batch; ``restore_batch_norms``
+    turns them back, as ``StructureKeeper.finish`` does); on CPU
     torch has no SyncBatchNorm, so train-mode BN normalises each rank's share. Extra
     keywords go to DDP (``find_unused_parameters=True`` for graphs with idle branches).
 
@@ -214,47 +231,83 @@ def wrap(module: nn.Module, ctx: DistContext, *, sync_bn: bool = True,
             f"rank {ctx.rank}: the module has no trainable parameter, so there is nothing for "
             "DistributedDataParallel to synchronise; make its weights trainable first "
             "(fxopt.train.structure.StructureKeeper.prepare does)")
-    originals: dict[str, type] = {}
     if sync_bn and ctx.device.type == "cuda":
-        for path, m in module.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                    m, nn.SyncBatchNorm):
-                originals[path] = type(m)
-        if originals:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        sync_batch_norms(module)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     try:
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_options)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_options)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"rank {ctx.rank}: DistributedDataParallel refused the module: "
                                f"{e}") from e
-    setattr(wrapped, _SYNC_BN, originals)
-    return wrapped
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (``module`` itself when it is not wrapped), with any
-    ``SyncBatchNorm`` that ``wrap`` made turned back into the original batch-norm class.
+    """The module inside a DDP wrapper (``module`` itself when it is not wrapped).
 
     >>> unwrap(wrap(model, ctx)) is model  # doctest: +SKIP
     True
     """
-    if not isinstance(module, nn.parallel.DistributedDataParallel):
-        return module
-    inner = module.module
-    for path, cls in getattr(module, _SYNC_BN, {}).items():
-        sync = inner.get_submodule(path)
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.module
+    return module
+
+
+def sync_batch_norms(module: nn.Module) -> int:
+    """Replace, in place, the batch-norm submodules of ``module`` by ``SyncBatchNorm``
+    sharing their parameters and buffers (so an optimizer built before keeps working);
+    ``restore_batch_norms`` undoes it. A BN with forward pre-hooks is left alone (its mode
+    is managed, e.g. kept frozen by ``StructureKeeper(bn="frozen")``, and frozen statistics
+    need no synchronisation). Returns how many were replaced.
+
+    >>> sync_batch_norms(gm)  # doctest: +SKIP
+    9
+    """
+    originals = getattr(module, _SYNC_BN, {})
+    for path, m in list(module.named_modules()):
+        if (not path or not isinstance(m, nn.modules.batchnorm._BatchNorm)
+                or isinstance(m, nn.SyncBatchNorm) or m._forward_pre_hooks):
+            continue
+        sync = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine,
+                                m.track_running_stats)
+        _share_state(m, sync)
+        _set_child(module, path, sync)
+        originals[path] = type(m)
+    object.__setattr__(module, _SYNC_BN, originals)  # plain data, not a submodule
+    return len(originals)
+
+
+def restore_batch_norms(module: nn.Module) -> int:
+    """Turn the ``SyncBatchNorm`` modules ``sync_batch_norms`` made back into their
+    original classes (same parameters and buffers); returns how many.
+
+    >>> restore_batch_norms(gm)  # doctest: +SKIP
+    9
+    """
+    originals = getattr(module, _SYNC_BN, None) or {}
+    for path, cls in originals.items():
+        sync = module.get_submodule(path)
         bn = cls(sync.num_features, sync.eps, sync.momentum, sync.affine,
                  sync.track_running_stats)
-        bn.load_state_dict(sync.state_dict())
-        bn.train(sync.training)
-        if sync.affine:
-            bn.weight.requires_grad_(sync.weight.requires_grad)
-            bn.bias.requires_grad_(sync.bias.requires_grad)
-        *parent, leaf = path.split(".")
-        owner = inner.get_submodule(".".join(parent)) if parent else inner
-        setattr(owner, leaf, bn.to(sync.weight.device if sync.affine else "cpu"))
-    return inner
+        _share_state(sync, bn)
+        _set_child(module, path, bn)
+    if originals:
+        object.__setattr__(module, _SYNC_BN, {})
+    return len(originals)
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        if getattr(src, name, None) is not None:
+            setattr(dst, name, getattr(src, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        if getattr(src, name, None) is not None:
+            dst.register_buffer(name, getattr(src, name))
+    dst.train(src.training)
+
+
+def _set_child(root: nn.Module, path: str, child: nn.Module) -> None:
+    *parent, leaf = path.split(".")
+    setattr(root.get_submodule(".".join(parent)) if parent else root, leaf, child)
 
 
 # --------------------------------------------------------------------------- data
@@ -404,6 +457,8 @@ def guarded(ctx: DistContext, what: str = "training") -> Iterator[None]:
 
 
 def _rank_error(ctx: DistContext, what: str, e: BaseException) -> DistributedError:
+    global _failed
+    _failed = True
     store = _store()
     # a collective that failed because a peer died: prefer that peer's own error
     other = _failed_rank(store, wait_s=2.0 if isinstance(e, RuntimeError) else 0.0)

@@ -63,7 +63,7 @@ from fxopt.op_props import Prop
 from fxopt.ops import fetch_attr, has_prop, op_of
 from fxopt.passes.sparsify import MASK_META, META_KEY, effective_weight, validate_pattern
 from fxopt.quant.fake_quant import FakeQuantize
-from fxopt.train.distributed import unwrap
+from fxopt.train.distributed import restore_batch_norms, unwrap
 
 __all__ = ["StructureKeeper"]
 
@@ -378,6 +378,7 @@ class StructureKeeper:
         if not isinstance(gm, fx.GraphModule):
             raise TrainingError(f"finish takes the module prepare returned, got "
                                 f"{type(gm).__name__}")
+        restore_batch_norms(gm)  # SyncBatchNorm that wrap() made on CUDA: back to BN
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

@@ -92,6 +92,7 @@ def main() -> int:
             weights = {k: v.detach().contiguous() for k, v in D.unwrap(model).state_dict().items()}
             save_file(weights, out)
             print(json.dumps({"losses": losses, "plan": plan, "world": ctx.world_size}))
+        del model, opt  # the DDP wrapper holds the group: let teardown collect it
     finally:
         D.teardown(ctx)
     return 0

@@ -56,7 +56,8 @@ def test_random_data_smoke_on_a_zoo_model(tmp_path, capsys):
     (["--train-data", f"{DIGITS}:bad_train_set"], "input 0 is (2, 65) float32; the model"),
     (["--train-data", f"{DIGITS}:fails"], "the factory raised RuntimeError: dataset not mounted"),
     (["--train-data", f"{DIGITS}:not_iterable"], "must be a torch Dataset"),
-    (["--pipeline", "default,finetune(epochs=1)"], "finetune"),
+    (["--epochs", "0"], "--epochs 0: give the epochs to train after --pipeline"),
+    (["--pipeline", "default,finetune(epochs=1)", "--epochs", "-1"], "--epochs -1"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--target", "tensorrt"], "--target 'tensorrt'"),
     (["--no-teacher"], "drop --no-teacher"),
@@ -68,6 +69,40 @@ def test_mistakes_are_typed_and_write_nothing(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("fxopt: error: ") and message in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_finetune_stages_train_on_the_same_data(tmp_path, capsys):
+    rc = main(["finetune", f"{DIGITS}:model", "--pipeline",
+               "default,sparsify(ratio=0.5),finetune(epochs=2,optimizer=sgd,lr=0.05)",
+               "--train-data", f"{DIGITS}:train_set", "--val-data", f"{DIGITS}:val_set",
+               "--epochs", "0", "-o", str(tmp_path / "art"),
+               "--history-json", str(tmp_path / "h.json")])
+    assert rc == 0, capsys.readouterr().err
+    hist = json.loads((tmp_path / "h.json").read_text())
+    assert "history" not in hist  # nothing trained after the pipeline
+    (stage,) = hist["stages"]
+    assert stage["pass"].startswith("finetune(") and len(stage["history"]) == 2
+    assert stage["structure"]["masks"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    weights = fxopt.load(tmp_path / "art").module.state_dict()
+    zeros = sum(int((v == 0).sum()) for k, v in weights.items() if k.endswith("weight"))
+    assert zeros / sum(v.numel() for k, v in weights.items() if k.endswith("weight")) >= 0.5
+
+
+def test_optimize_feeds_finetune_stages(tmp_path, capsys):
+    art = tmp_path / "art"
+    base = ["optimize", f"{DIGITS}:model", "-o", str(art)]
+    stage = ["--pipeline", "default,sparsify(ratio=0.5),finetune(epochs=1)"]
+    assert main([*base, *stage]) == 2
+    assert "has a finetune stage: give --train-data" in capsys.readouterr().err
+    assert main([*base, "--train-data", f"{DIGITS}:train_set"]) == 2
+    assert "has none; add one" in capsys.readouterr().err
+    assert main([*base, *stage, "--train-data", f"{DIGITS}:bad_train_set"]) == 2
+    assert "input 0 is (2, 65) float32" in capsys.readouterr().err
+    assert not art.exists()
+    rc = main([*base, *stage, "--train-data", f"{DIGITS}:train_set", "--val-data",
+               f"{DIGITS}:val_set"])
+    assert rc == 0, capsys.readouterr().err
+    assert "finetune(epochs=1)" in capsys.readouterr().out and art.is_dir()
 
 
 def test_no_output_is_refused(capsys):
@@ -127,18 +162,21 @@ def test_torchrun_two_processes_match_one_and_only_rank0_writes(tmp_path):
     assert len(glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))) == 1
 
 
-def test_torchrun_prune_then_qat(tmp_path):
-    """prune + int8 fake-quant trained on 2 processes: every trainable parameter takes part
-    (a quantized graph keeps orphan float biases DDP would wait for) and the frozen QAT
-    graph is written."""
+def test_torchrun_prune_finetune_then_qat(tmp_path):
+    """prune, a finetune stage, int8, then QAT, on 2 processes: the stage trains under DDP
+    too, every trainable parameter takes part (a quantized graph keeps orphan float biases
+    DDP would wait for) and the frozen QAT graph is written."""
     res = torchrun(2, "-m", "fxopt", "finetune", f"{DIGITS}:model", "--pipeline",
-                   "default,prune(ratio=0.25),quantize(scheme=int8)", "--train-data",
+                   "default,prune(ratio=0.25),finetune(epochs=1,optimizer=sgd,lr=0.05),"
+                   "quantize(scheme=int8)", "--train-data",
                    f"{DIGITS}:train_set", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05",
                    "--history-json", str(tmp_path / "h.json"), "-o", str(tmp_path / "art"),
                    cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     hist = json.loads((tmp_path / "h.json").read_text())
     assert hist["structure"]["qat"]["mode"] == "observed" and hist["world"]["world_size"] == 2
+    (stage,) = hist["stages"]
+    assert stage["structure"]["qat"]["mode"] is None and len(stage["history"]) == 1
     art = fxopt.load(tmp_path / "art")
     kinds = {type(m).__name__ for m in art.module.modules()}
     assert "FakeQuantize" in kinds

@@ -174,9 +174,69 @@ def test_crash_on_one_rank_stops_all_and_names_it(tmp_path):
     assert not (tmp_path / "w.safetensors").exists()  # rank 0 never wrote a result
 
 
+def test_crash_stops_the_other_rank_without_an_agent(tmp_path):
+    """No torchrun agent to kill anyone: rank 0, blocked in DDP's all-reduce, sees gloo's
+    closed connection and raises rank 1's own error, read from the group's store."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "crash", str(tmp_path / "w.st")], cwd=tmp_path,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True))
+    errs = []
+    for proc in procs:
+        try:
+            errs.append(proc.communicate(timeout=TIMEOUT_S)[1])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("a rank did not stop after the other crashed")
+    assert [p.returncode for p in procs] == [1, 1]
+    assert ("DistributedError: rank 1 of 2 failed during training: ValueError: synthetic "
+            "failure at step 2 (rank 0 stopped: RuntimeError)") in errs[0]
+    assert "fxopt: rank 1 of 2 failed during training" in errs[1]
+    assert not (tmp_path / "w.st").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of nccl")
 def test_missing_backend_under_torchrun_is_typed(tmp_path):
     res = torchrun(2, str(WORKER), "backend", str(tmp_path / "w"), "nccl", cwd=tmp_path)
     assert res.returncode != 0
     text = res.stdout + res.stderr
     assert "DistributedError" in text and "'nccl'" in text and "backend='gloo'" in text
+
+
+def test_sync_batch_norms_share_state_and_restore():
+    """What wrap() does on CUDA, checked on CPU (eval forward needs no process group)."""
+    import fxopt
+    from fxopt import zoo
+    from fxopt.train.structure import StructureKeeper
+
+    model, x = zoo.load("resnet")
+    gm = fxopt.capture(model, x, mode="symbolic")
+    want = gm(*x)
+    params = {id(p) for p in gm.parameters()}
+    count = D.sync_batch_norms(gm)
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in gm.modules()) == count
+    assert {id(p) for p in gm.parameters()} == params  # an optimizer built before still works
+    torch.testing.assert_close(gm(*x), want)
+    assert D.restore_batch_norms(gm) == count and D.restore_batch_norms(gm) == 0
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in gm.modules())
+    assert {id(p) for p in gm.parameters()} == params
+    torch.testing.assert_close(gm(*x), want)
+    frozen = fxopt.capture(model, x, mode="symbolic")
+    keeper = StructureKeeper.from_graph(frozen, bn="frozen")
+    trained = keeper.prepare(frozen)
+    assert D.sync_batch_norms(trained) == 0  # frozen statistics need no synchronisation
+    trained.eval()
+    plain = fxopt.capture(model, x, mode="symbolic")
+    keeper = StructureKeeper.from_graph(plain)
+    trained = keeper.prepare(plain)
+    assert D.sync_batch_norms(trained) == count
+    out = keeper.finish(trained)  # finish turns them back
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in out.modules())
+    torch.testing.assert_close(out(*x), want)
