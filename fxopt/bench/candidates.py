@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fxopt.verify import Tolerance, random_like_inputs
 
@@ -190,6 +191,7 @@ def calibration_batches(inputs: Sequence[Any], count: int = CALIBRATION_BATCHES,
 INT8 = "default,quantize(scheme=int8,target=ort)"
 DYNAMIC_INT8 = "default,quantize(scheme=dynamic_int8,target=ort)"
 FP16 = "default,half(dtype=fp16)"
+TRT_INT8 = "default,quantize(scheme=int8,target=tensorrt)"
 
 
 def _linear_heavy(model: nn.Module) -> bool:
@@ -207,8 +209,10 @@ def default_candidates(model: nn.Module, inputs: Sequence[Any], *, compile: bool
     takes long), ``fxopt-eager``, ``ort-plain``, ``ort-fxopt-fp32``, ``ort-fxopt-int8``
     (static; calibrated on ``calibration`` or ``calibration_batches``),
     ``ort-fxopt-dynamic_int8`` (models whose weights are mostly Linear), ``ort-fxopt-fp16``,
-    ``ort-quantize_static``, ``ort-quantize_dynamic`` and ``tensorrt-fp16`` (skipped where
-    TensorRT is not installed).
+    ``ort-quantize_static``, ``ort-quantize_dynamic``, ``torch-cuda`` (only where CUDA is
+    available) and ``tensorrt-fp32`` / ``tensorrt-fp16`` (the typed graph of ``half``) /
+    ``tensorrt-int8`` (Q/DQ placed for TensorRT), skipped with the reason where TensorRT or
+    a GPU is missing.
 
     Example::
 
@@ -216,6 +220,8 @@ def default_candidates(model: nn.Module, inputs: Sequence[Any], *, compile: bool
         # ['torch', 'fxopt-eager', 'ort-plain']
     """
     out = [Candidate("torch", "torch")]
+    if torch.cuda.is_available():
+        out.append(Candidate("torch-cuda", "torch", None, None, (("device", "cuda"),)))
     if compile:
         out.append(Candidate("torch.compile", "torch.compile"))
     out += [
@@ -230,7 +236,9 @@ def default_candidates(model: nn.Module, inputs: Sequence[Any], *, compile: bool
         Candidate("ort-fxopt-fp16", "onnx", FP16),
         Candidate("ort-quantize_static", "onnx", None, "ort-quantize-static"),
         Candidate("ort-quantize_dynamic", "onnx", None, "ort-quantize-dynamic"),
-        Candidate("tensorrt-fp16", "tensorrt", "default", None, (("precision", "fp16"),)),
+        Candidate("tensorrt-fp32", "tensorrt", "default"),
+        Candidate("tensorrt-fp16", "tensorrt", FP16),
+        Candidate("tensorrt-int8", "tensorrt", TRT_INT8),
     ]
     return out
 
@@ -384,10 +392,11 @@ def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
     import fxopt
 
     if cand.runtime == "torch":
-        if cand.pipeline:
-            gm = _optimized(cand, model, inputs, calibration)
-            return gm, None, _weights_bytes(gm)
-        return model, None, _weights_bytes(model)
+        base = _optimized(cand, model, inputs, calibration) if cand.pipeline else model
+        device = dict(cand.options).get("device")
+        if device is not None:
+            return _on_device(base, device), None, _weights_bytes(base)
+        return base, None, _weights_bytes(base)
     if cand.runtime == "torch.compile":
         base = _optimized(cand, model, inputs, calibration) if cand.pipeline else model
         return torch.compile(base), None, _weights_bytes(base)
@@ -405,6 +414,24 @@ def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
     art = fxopt.lower(gm, "tensorrt", inputs, path=path, tolerance=LOOSE,
                       **{k: v for k, v in cand.options if k not in ("threads", "dynamic_batch")})
     return art, path, _files_bytes(path)
+
+
+def _on_device(module: nn.Module, device: str) -> Callable[..., Any]:
+    """``module`` on ``device``, called with CPU inputs: they are copied over per call and
+    the outputs copied back (the copy back also waits for the device's work, so timing
+    sees the whole call)."""
+    import copy
+
+    moved = copy.deepcopy(module).to(device)
+
+    def to(obj, dev):
+        return pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, obj)
+
+    def call(*args):
+        with torch.no_grad():
+            return to(moved(*to(args, device)), "cpu")
+
+    return call
 
 
 def build(candidate: Candidate, model: nn.Module, inputs: Sequence[Any], *,

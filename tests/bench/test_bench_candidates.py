@@ -32,7 +32,7 @@ def test_default_candidates_enumerates_every_runtime_and_peer():
     assert names[0] == "torch"  # the reference for speed-ups comes first
     assert names == ["torch", "fxopt-eager", "ort-plain", "ort-fxopt-fp32", "ort-fxopt-int8",
                      "ort-fxopt-fp16", "ort-quantize_static", "ort-quantize_dynamic",
-                     "tensorrt-fp16"]
+                     "tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"]
     with_compile = [c.name for c in default_candidates(model, inputs, compile=True)]
     assert with_compile[:2] == ["torch", "torch.compile"]
     # a model whose weights are mostly Linear also gets fxopt's dynamic int8
@@ -43,6 +43,28 @@ def test_default_candidates_enumerates_every_runtime_and_peer():
     assert by_name["ort-quantize_static"].baseline == "ort-quantize-static"
     assert "quantize(scheme=int8" in by_name["ort-fxopt-int8"].pipeline
     assert by_name["tensorrt-fp16"].runtime == "tensorrt"
+    # TensorRT's precision comes from the typed graph (TensorRT 11 has no precision flags)
+    assert "half(dtype=fp16)" in by_name["tensorrt-fp16"].pipeline
+    assert "target=tensorrt" in by_name["tensorrt-int8"].pipeline
+    assert by_name["tensorrt-fp32"].pipeline == "default"
+
+
+def test_torch_on_cuda_is_a_candidate_only_where_cuda_is_available(monkeypatch):
+    model, inputs = _cnn()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "torch-cuda" not in [c.name for c in default_candidates(model, inputs)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    by_name = {c.name: c for c in default_candidates(model, inputs)}
+    assert dict(by_name["torch-cuda"].options) == {"device": "cuda"}
+
+
+def test_a_torch_candidate_on_a_device_copies_inputs_over_and_outputs_back(tmp_path):
+    model, inputs = _cnn()
+    # "cpu" stands in for the accelerator: the same copy-over path, runnable here
+    built = build(Candidate("torch-dev", "torch", None, None, (("device", "cpu"),)), model,
+                  inputs, workdir=tmp_path)
+    assert built.ok, built.error
+    torch.testing.assert_close(built.fn(*inputs), model(*inputs))
 
 
 def test_candidate_key_is_stable_and_tells_candidates_apart():
