@@ -41,9 +41,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     """Remove ``ratio`` of the channels of every prunable group (heads, MLP width, conv
     channels), or the ratio that keeps ``macs`` of the MACs, ranked by ``importance`` (l1,
     l2, bn_scale, random), per group (``scope=local``) or across groups (``global``); kept
-    channel counts are multiples of ``round_to`` (in channels: a head of ``round_to`` channels
-    or more is not rounded; 8 or 16 is what CPU conv kernels want, benchmarks/prune.py);
-    no group loses more than ``max_layer_ratio``;
+    counts are multiples of ``round_to``; no group loses more than ``max_layer_ratio``;
     ``skip`` names layers to leave whole; ``plan`` replays a saved plan; ``hidden=True``
     also prunes the residual / embedding width under LayerNorm / RMSNorm (plan entries
     ``"exact": false``). The result is verified against its masked twin (exact groups;

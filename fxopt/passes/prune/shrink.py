@@ -78,17 +78,6 @@ def _norms(g: Group, gm: fx.GraphModule, importance: str) -> np.ndarray:
     return total
 
 
-def unit_round(g: Group, round_to: int | None) -> int:
-    """``round_to`` (in channels) as a number of the group's units: a unit that spans
-    several channels of an axis (an attention head, a conv group) counts as that many, so
-    ``round_to=8`` leaves head counts free when a head is 8 channels or wider."""
-    if not round_to or round_to <= 1 or not g.n_units:
-        return 1
-    width = max((int(np.bincount(labels, minlength=g.n_units).max())
-                 for labels in g.units.values() if len(labels)), default=1)
-    return max(1, math.ceil(round_to / max(width, 1)))
-
-
 def _keep_count(n: int, drop: int, round_to: int | None, cap: float) -> int:
     drop = min(drop, math.floor(cap * n), n - 1)
     keep = n - max(drop, 0)
@@ -112,7 +101,7 @@ def select(groups: list[Group], scores: list[np.ndarray], *, ratio: float,
         drops = [int((s <= cut).sum()) for s in normed]
     removed = []
     for g, s, drop in zip(groups, scores, drops, strict=True):
-        keep = _keep_count(g.n_units, drop, unit_round(g, round_to), max_layer_ratio)
+        keep = _keep_count(g.n_units, drop, round_to, max_layer_ratio)
         removed.append(_take(g, np.argsort(s, kind="stable"), g.n_units - keep))
     return removed
 
