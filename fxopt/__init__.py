@@ -15,12 +15,15 @@ from fxopt.capture import capture
 from fxopt.errors import (
     ArtifactVersionError,
     CaptureError,
+    CheckpointError,
+    DistributedError,
     FxoptError,
     InputSpecError,
     LoweringError,
     PassError,
     QuantizationError,
     SpecError,
+    TrainingError,
 )
 from fxopt.inspect import ModelSummary
 from fxopt.inspect import inspect as _summarize
@@ -97,10 +100,23 @@ def check_trt(model, trt_version: int = 10, dim_bounds=None):
     return _check_trt(model, trt_version=trt_version, dim_bounds=dim_bounds)
 
 
+def __getattr__(name: str):
+    # fxopt.finetune / fxopt.FinetuneResult load the training stack (DDP, fake-quant,
+    # TensorBoard on use) only when asked for
+    if name in ("finetune", "FinetuneResult"):
+        from fxopt.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
+
+
 __all__ = [
     "PIPELINES",
     "ArtifactVersionError",
     "CaptureError",
+    "CheckpointError",
+    "DistributedError",
+    "FinetuneResult",
     "FxoptError",
     "InputSpecError",
     "LoweringError",
@@ -114,10 +130,12 @@ __all__ = [
     "Report",
     "Semantics",
     "SpecError",
+    "TrainingError",
     "Tolerance",
     "calibrate",
     "capture",
     "check_trt",
+    "finetune",
     "freeze_calibration",
     "inspect",
     "prune",

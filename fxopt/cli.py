@@ -1,10 +1,12 @@
-"""The ``fxopt`` command: inspect, optimize, check TensorRT readiness, list passes and zoo
-models, run the demo.
+"""The ``fxopt`` command: inspect, optimize, fine-tune, check TensorRT readiness, list passes
+and zoo models, run the demo.
 
     fxopt inspect resnet
     fxopt inspect my_models.py:build --input-shape 1,3,224,224
     fxopt optimize resnet --pipeline default --target eager -o out/resnet
     fxopt optimize resnet --target onnx -o out/resnet-onnx
+    fxopt finetune resnet --pipeline "default,prune(macs=0.5)" --epochs 2 -o out/pruned
+    torchrun --nproc-per-node 2 -m fxopt finetune ...   (see fxopt/cli_train.py)
     fxopt check-trt out/resnet-onnx/model.onnx
     fxopt demo
 """
@@ -256,8 +258,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     _progress(f"lowering to {args.target}")
     options = {k: v for k, v in (("opset", args.opset), ("exporter", args.exporter))
                if v is not None}
-    if options and args.target != "onnx":
-        raise SpecError(f"--{'/--'.join(options)} only apply to --target onnx")
+    if options and args.target not in ("onnx", "tensorrt"):
+        raise SpecError(f"--{'/--'.join(options)} only apply to --target onnx or tensorrt")
+    trt_options = {k: v for k, v in (("workspace", args.workspace), ("precision", args.precision),
+                                     ("timing_cache", args.timing_cache)) if v is not None}
+    if trt_options and args.target != "tensorrt":
+        raise SpecError(f"--{'/--'.join(trt_options).replace('_', '-')} only apply to "
+                        "--target tensorrt")
+    if args.bound:
+        options["dim_bounds"] = dict(_parse_bound(b) for b in args.bound)
+    options.update(trt_options)
     artifact = fxopt.lower(res.module, args.target, inputs, path=args.output, **options)
     print(f"wrote {args.target} artifact to {artifact.path} (verified against the graph)")
     if args.report_json:
@@ -379,12 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--pipeline", default="default",
                    help="spec string or recipe.toml (default: the default pipeline)")
-    p.add_argument("--target", default="eager", help="artifact kind: eager or onnx (default eager)")
+    p.add_argument("--target", default="eager",
+                   help="artifact kind: eager, onnx or tensorrt (default eager)")
     p.add_argument("-o", "--output", required=True,
                    help="artifact path (for onnx: a .onnx file, or a folder to hold model.onnx)")
     p.add_argument("--opset", type=int, help=f"ONNX opset (onnx target; default {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"),
                    help="ONNX exporter (onnx target; default auto)")
+    p.add_argument("--bound", action="append", metavar="NAME=MIN,OPT,MAX",
+                   help="onnx/tensorrt: bounds (TensorRT's optimization profile) of a dynamic "
+                        "dimension, e.g. batch=1,8,32 (repeatable; makes dim 0 'batch' dynamic "
+                        "for tensorrt)")
+    p.add_argument("--workspace", help="tensorrt: workspace memory limit, e.g. 4GiB")
+    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16", "int8"),
+                   help="tensorrt: engine precision (default: what the graph's types carry)")
+    p.add_argument("--timing-cache", help="tensorrt: timing cache file, reused and updated")
     p.add_argument("--dump-dir", help="write each pass's before/after code here")
     p.add_argument("--calibration-data", metavar="SPEC",
                    help="file.py:factory or package.module:factory returning an iterable of "
@@ -398,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a bar chart of the channels each pruned layer keeps (needs a "
                         "prune pass in --pipeline and matplotlib)")
     p.set_defaults(fn=cmd_optimize)
+
+    from fxopt.cli_train import add_parser as add_finetune
+
+    add_finetune(sub, model_args)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser will reject "
                        "(exit 1 on a blocker)")

@@ -39,3 +39,19 @@ class InputSpecError(LoweringError):
 
 class ArtifactVersionError(LoweringError):
     """An artifact was written by an fxopt / torch / format version this one cannot load."""
+
+
+class TrainingError(FxoptError):
+    """Recovery training cannot proceed: data that does not fit the graph, a teacher whose
+    outputs do not match, a structure (sparsity mask, 2:4 pattern, pruned shape,
+    fake-quant node) that training would break, or a checkpoint from another graph."""
+
+
+class DistributedError(TrainingError):
+    """A multi-process (torchrun) run failed: a missing backend, a bad global batch, or a
+    rank that crashed (the message names the rank)."""
+
+
+class CheckpointError(TrainingError):
+    """A training checkpoint cannot be used: written for another graph, incomplete, or of
+    an unknown format version."""

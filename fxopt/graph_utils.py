@@ -394,3 +394,39 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+def attr_key(src: fx.Node, name: str | None = None) -> str:
+    """The state_dict key, in the user's model, of the tensor a ``get_attr`` node reads: its
+    target, or (after ``flatten_modules`` moved ``a.b.w`` to ``a_b_w`` or a module ``a.b``
+    to ``a_b``) the recorded module path and the tensor's own name.
+
+    Example::
+
+        attr_key(node)   # "layer1.0.conv1.weight" for get_attr layer1_0_conv1_weight
+    """
+    target, path = str(src.target), src.meta.get("fxopt_module_path") or ""
+    if not path or target.startswith(path + "."):
+        return target
+    flat = path.replace(".", "_")
+    prefix = next((p for p in (flat + "_", flat + ".") if target.startswith(p)), None)
+    leaf = target[len(prefix):] if prefix else name or target.rsplit(".", 1)[-1]
+    return f"{path}.{leaf}"
+
+
+def state_key(view: Any, name: str) -> str:
+    """The state_dict key, in the user's model, of parameter ``name`` of the op ``view``
+    (an ``fxopt.ops.OpView``): the module path capture recorded and the parameter's name,
+    else the key of the get_attr feeding it.
+
+    Example::
+
+        state_key(op_of(bn_node), "running_mean")   # "layer1.0.bn1.running_mean"
+    """
+    if view.module is not None:
+        path = view.node.meta.get("fxopt_module_path") or str(view.node.target)
+        return f"{path}.{name}"
+    src = view.param_node(name)
+    if src is None:
+        return f"{view.node.name}.{name}"
+    return attr_key(src, name)

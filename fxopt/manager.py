@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxopt.capture import capture, capture_with_outputs, normalize_inputs
-from fxopt.errors import PassError, SpecError
+from fxopt.errors import PassError, SpecError, TrainingError
 from fxopt.graph_utils import annotate_run, copy_graph_module, human_count, refresh_metadata
 from fxopt.ops import op_of
 from fxopt.passes.base import REGISTRY, Pass, PassContext, PassResult, Semantics
@@ -196,21 +196,29 @@ class PassManager:
         *,
         reference: Any = None,
         calibration: Iterable | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        teacher: nn.Module | None = None,
     ) -> OptimizeResult:
         """Run every pass on ``gm`` (modified in place) and return module + report.
+        ``train_data`` / ``val_data`` / ``teacher`` feed a ``finetune`` stage.
 
         Example::
 
             res = PassManager("cleanup", verify="end").run(gm, (x,))
         """
         inputs = normalize_inputs(example_inputs)
-        return self._run(gm, inputs, reference, calibration, annotate_run(gm, inputs))
+        training = {"train_data": train_data, "val_data": val_data, "teacher": teacher}
+        return self._run(gm, inputs, reference, calibration, annotate_run(gm, inputs),
+                         training=training)
 
-    def _run(self, gm, inputs, reference, calibration, outputs, rebuild=None) -> OptimizeResult:
+    def _run(self, gm, inputs, reference, calibration, outputs, rebuild=None,
+             training: dict | None = None) -> OptimizeResult:
         """``outputs``: the graph's outputs from the run that just annotated it;
-        ``rebuild``: makes the starting graph again (optimize re-captures the model)."""
+        ``rebuild``: makes the starting graph again (optimize re-captures the model);
+        ``training``: train_data / val_data / teacher for a finetune stage."""
         original = outputs if reference is None else reference
-        run = _Run(self, inputs, calibration)
+        run = _Run(self, inputs, calibration, training)
         # the one copy verification needs: where "end" bisects from and where "each"
         # rebuilds a failing pass's input graph for attribution
         run.start = _Start(gm, rebuild) if self.mode != "off" else None
@@ -314,23 +322,27 @@ def _fingerprint(t: torch.Tensor) -> tuple:
 class _Run:
     """The state of one ``PassManager.run``: context, report, the starting copy."""
 
-    def __init__(self, manager: PassManager, inputs: tuple, calibration: Iterable | None):
+    def __init__(self, manager: PassManager, inputs: tuple, calibration: Iterable | None,
+                 training: dict | None = None):
         self.manager = manager
         self.inputs = inputs
         self.calibration = calibration
-        self.ctx = self.context()
+        self.training = training or {}
         self.report = Report()
+        self.ctx = self.context()
         self.start: _Start | None = None
 
     def context(self) -> PassContext:
+        # the report so far: a finetune stage reads the plan of the prune before it
         return PassContext(self.inputs, self.calibration,
-                           options={"progress": self.manager.progress})
+                           options={"progress": self.manager.progress, "report": self.report},
+                           **self.training)
 
     def one(self, p: Pass, gm: fx.GraphModule, ctx: PassContext | None = None,
             done: Sequence[str] | None = None) -> PassResult:
         try:
             result = p(gm, ctx or self.ctx)
-        except PassError:
+        except (PassError, TrainingError):  # training errors say what to fix in the data
             raise
         except Exception as e:  # noqa: BLE001 - any crash inside a pass is reported as such
             raise PassError(
@@ -478,6 +490,9 @@ def optimize(
     tolerance: Tolerance | dict[str, Tolerance] | None = None,
     dump_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    train_data: Any = None,
+    val_data: Any = None,
+    teacher: nn.Module | None = None,
     **capture_options: Any,
 ) -> OptimizeResult:
     """Capture ``model`` and run ``pipeline`` over it, verifying every pass.
@@ -485,23 +500,30 @@ def optimize(
     ``verify="each"`` (or True, the default) checks after every pass that changed the
     graph; ``verify="end"`` checks once at the end and bisects to name the guilty pass on
     failure (cheaper when trying many candidates); ``verify=False`` does not check.
+    ``train_data`` / ``val_data`` feed a ``finetune`` stage (``fxopt.finetune``'s data
+    convention); its teacher is ``model`` itself unless ``teacher=`` says otherwise.
 
     Example::
 
         res = fxopt.optimize(model, (x,), pipeline="default")
         res = fxopt.optimize(model, (x,), "default", verify="end")
+        res = fxopt.optimize(model, (x,), "prune(macs=0.5),finetune(epochs=2)",
+                             train_data=(X, Y), val_data=(Xv, Yv))
         print(res.report)
         res.module(x)
     """
     manager = PassManager(pipeline, verify=verify, tolerance=tolerance, dump_dir=dump_dir,
                           progress=progress)
     inputs = normalize_inputs(example_inputs)
+    training = {"train_data": train_data, "val_data": val_data,
+                "teacher": model if teacher is None else teacher}
     if isinstance(model, fx.GraphModule) and "fxopt" in model.meta:
-        return manager.run(copy_graph_module(model), inputs, calibration=calibration)
+        return manager.run(copy_graph_module(model), inputs, calibration=calibration,
+                           **training)
     # capture's annotating run already gave the graph's outputs: the manager starts from them
     gm, outputs = capture_with_outputs(model, inputs, mode=mode, **capture_options)
 
     def rebuild() -> fx.GraphModule:
         return capture(model, inputs, mode=mode, **{**capture_options, "check": False})
 
-    return manager._run(gm, inputs, None, calibration, outputs, rebuild)
+    return manager._run(gm, inputs, None, calibration, outputs, rebuild, training)

@@ -234,7 +234,7 @@ def over_dim(view) -> Flow:
     statistic = view.kind in _STATISTICS and len(dims) == 1
     for k in range(len(sx)):
         if k in dims:
-            why = f"{view.kind} {view.node.name} mixes values along axis {k}"
+            why = f"{view.kind} {view.node.name} mixes channels: it reduces over axis {k}"
             if statistic:  # an RMSNorm written out: x.pow(2).mean(-1, keepdim=True)
                 flow.approximate((x, k), why + " (a statistic: prune(hidden=True) allows it, "
                                  "not exact)")
@@ -471,11 +471,25 @@ def index(view) -> Flow:
     if sx is None or so is None:
         return flow
     target = view.node.target
+    rows = view.node.args[1] if len(view.node.args) > 1 else None
+    if target is not operator.getitem and isinstance(rows, (list, tuple)) and len(rows) == 1:
+        rows = rows[0]  # aten.index.Tensor(x, [idx])
+    if shape(rows) is not None and len(so) == len(shape(rows)) + len(sx) - 1:
+        # x[idx] with one index tensor gathers along axis 0: the result is idx.shape +
+        # x.shape[1:], so x's other axes pass through (a relative position bias table's
+        # head axis)
+        r = len(shape(rows))
+        flow.block((x, 0), f"{view.node.name} gathers along axis 0")
+        for k in range(1, len(sx)):
+            flow.link((x, k), (out, r + k - 1))
+        for k in range(r):
+            flow.block((out, k), f"{view.node.name}: axis {k} holds gathered rows")
+        return flow
     if target is operator.getitem:
         idx = view.node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
     elif not isinstance(view.node.args[1] if len(view.node.args) > 1 else 0, int):
-        # aten.index.Tensor(x, [tensors]): a gather whose result axes are not x's axes
+        # any other aten.index.Tensor: a gather whose result axes are not x's axes
         for k in range(len(sx)):
             flow.block((x, k), f"{view.node.name} gathers by a tensor index")
         for k in range(len(so)):
@@ -524,48 +538,6 @@ def index(view) -> Flow:
     return flow
 
 
-def sdpa(view) -> Flow:
-    """scaled_dot_product_attention: the head axis (-3) of q, k, v and the output is one
-    index; the sequence axes pass q -> out and k <-> v; ``head_dim`` sets the scale and is
-    blocked."""
-    flow = Flow()
-    q, k, v = view.arg("query"), view.arg("key"), view.arg("value")
-    out = view.node
-    sq, sk, sv, so = shape(q), shape(k), shape(v), shape(out)
-    if None in (sq, sk, sv, so) or len(sq) < 3:
-        return flow
-    n = len(sq)
-    for t in (k, v, out):
-        flow.link((q, n - 3), (t, n - 3))
-        for b in range(n - 3):
-            flow.link((q, b), (t, b))
-    flow.link((q, n - 2), (out, n - 2))
-    flow.link((k, n - 2), (v, n - 2))
-    why = f"{view.node.name}: head_dim sets the attention scale"
-    flow.block((q, n - 1), why)
-    flow.block((k, n - 1), why)
-    flow.link((v, n - 1), (out, n - 1))
-    return flow
-
-
-def matmul(view) -> Flow:
-    """matmul: batch axes keep their index; the contracted axis of both operands is one
-    index (pruned on both sides together); rows pass to rows and columns to columns."""
-    flow = Flow()
-    a, b = view.node.args[0], view.node.args[1]
-    sa, sb, so = shape(a), shape(b), shape(view.node)
-    if None in (sa, sb, so) or len(sa) < 2 or len(sb) < 2:
-        return flow
-    flow.link((a, len(sa) - 1), (b, len(sb) - 2))
-    flow.link((a, len(sa) - 2), (view.node, len(so) - 2))
-    flow.link((b, len(sb) - 1), (view.node, len(so) - 1))
-    for t, st in ((a, sa), (b, sb)):
-        for kk in range(1, len(st) - 1):
-            if kk + 2 <= len(so) and st[-kk - 2] == so[-kk - 2]:
-                flow.link((t, len(st) - kk - 2), (view.node, len(so) - kk - 2))
-    return flow
-
-
 def channel_first(view) -> Flow:
     """Pooling and resizing: batch and channel axes keep their index."""
     flow = Flow()
@@ -605,6 +577,8 @@ def neutral(view) -> Flow:
     return flow
 
 
+from fxopt.op_flow_attention import matmul, mha_module, sdpa  # noqa: E402  (uses Flow above)
+
 FLOW_RULES: dict[str, Callable[[Any], Flow]] = {
     "same_index": same_index,
     "conv": conv,
@@ -625,4 +599,5 @@ FLOW_RULES: dict[str, Callable[[Any], Flow]] = {
     "channel_first": channel_first,
     "pad": pad,
     "neutral": neutral,
+    "mha_module": mha_module,
 }

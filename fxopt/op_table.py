@@ -136,7 +136,7 @@ _FLOW = {
     "interpolate": "channel_first", "max_pool": "channel_first", "avg_pool": "channel_first",
     "adaptive_avg_pool": "channel_first", "adaptive_max_pool": "channel_first",
     "dropout": "same_index", "identity": "same_index", "assert_metadata": "neutral",
-    "cumsum": "over_dim", "pad": "pad",
+    "cumsum": "over_dim", "pad": "pad", "attention": "mha_module",
 }
 
 
@@ -393,6 +393,11 @@ for _kind, _fn, _props in (("mean", torch.mean, (_FP32,)), ("sum", torch.sum, (_
     _op(_kind, "reduction", functions=(_fn,), methods=(_kind,), aten=(_kind,), signature=_RED,
         defaults={"keepdim": False}, attrs=("dim", "keepdim"), normalize=_dims_as_tuple,
         props=_props)
+# a p-norm over ``dim`` (GRN in ConvNeXt-V2 takes it over the spatial axes, keeping channels)
+_op("vector_norm", "reduction", functions=(torch.linalg.vector_norm,),
+    aten=("linalg_vector_norm",), signature=("input", "ord", "dim", "keepdim", "dtype"),
+    defaults={"ord": 2, "dim": None, "keepdim": False, "dtype": None},
+    attrs=("ord", "dim", "keepdim"), normalize=_dims_as_tuple, props=(_FP32,))
 _op("cumsum", "reduction", functions=(torch.cumsum,), methods=("cumsum",), aten=("cumsum",),
     signature=("input", "dim"), attrs=("dim",), props=(_FP32,))
 

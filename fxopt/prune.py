@@ -3,6 +3,7 @@
 Example::
 
     gs = fxopt.prune.groups(fxopt.capture(model, (x,)))
+    gm, replaced, kept = fxopt.prune.decompose_attention(gm, (x,))  # MHA heads, as prune sees
     res = fxopt.optimize(model, (x,), "prune(ratio=0.5)")
     stats = res.report.records[-1].stats
     twin = fxopt.prune.masked_twin(model, stats["plan"])
@@ -14,6 +15,7 @@ from fxopt.passes.prune import (
     Group,
     Member,
     build_graph,
+    decompose_attention,
     groups,
     masked_twin,
     plot_kept,
@@ -21,5 +23,5 @@ from fxopt.passes.prune import (
     zero_consumers,
 )
 
-__all__ = ["Group", "Member", "build_graph", "groups", "masked_twin", "plot_kept",
-           "prune_table", "zero_consumers"]
+__all__ = ["Group", "Member", "build_graph", "decompose_attention", "groups", "masked_twin",
+           "plot_kept", "prune_table", "zero_consumers"]

@@ -18,6 +18,7 @@ import functools
 import importlib.resources
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -139,11 +140,14 @@ def check_trt(
     bounds = _validate_bounds(dim_bounds or {}, "dim_bounds")
     meta = {k: v for k, v in _metadata_bounds(proto).items() if k not in bounds}
     bounds.update(_validate_bounds(meta, "metadata_props['fxopt'].dim_bounds"))
-    proto = _prepare(proto)
-    checker = _Checker(proto, trt_version, data, bounds)
+    notes: list[str] = []
+    proto = _prepare(proto, path, notes)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else ""
+    checker = _Checker(proto, trt_version, data, bounds, base_dir, notes)
     findings = list(dict.fromkeys(checker.run()))
     name = path or proto.graph.name or "model"
-    return TrtReport(findings, trt_version, name, path, [data["precision"][str(trt_version)]])
+    return TrtReport(findings, trt_version, name, path,
+                     [data["precision"][str(trt_version)], *dict.fromkeys(notes)])
 
 
 # --------------------------------------------------------------------------- loading
@@ -156,7 +160,9 @@ def _load(path: str) -> onnx.ModelProto:
         raise LoweringError(f"cannot check {path}: {what}")
     hint = "export it with torch.onnx.export or check the path"
     try:
-        proto = onnx.load(path, load_external_data=True)
+        # weights stay on disk: a model over protobuf's 2 GB limit loads, and values are
+        # read one tensor at a time when a check needs them
+        proto = onnx.load(path, load_external_data=False)
     except (FileNotFoundError, onnx.checker.ValidationError) as e:
         raise LoweringError(f"cannot load {path}: {e}. Keep its external data files next to "
                             "the model, or re-save it with save_as_external_data=False.") from e
@@ -167,17 +173,33 @@ def _load(path: str) -> onnx.ModelProto:
     return proto
 
 
-def _prepare(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Inline model-local functions (TensorRT inlines them too) and infer value types."""
+def _prepare(proto: onnx.ModelProto, path: str | None, notes: list[str]) -> onnx.ModelProto:
+    """Inline model-local functions (TensorRT inlines them too) and infer value types: on
+    the file itself when there is one (``infer_shapes_path`` works above protobuf's 2 GB),
+    else in memory. What could not run is said in ``notes``."""
+    inlined = False
     if proto.functions:
         try:
-            proto = onnx.inliner.inline_local_functions(proto)
-        except Exception:
-            pass  # checked without their bodies' types
+            proto, inlined = onnx.inliner.inline_local_functions(proto), True
+        except Exception as e:
+            notes.append(f"could not inline the model's local functions ({_short(e)}): the "
+                         "nodes inside them were checked without their value types")
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:
-        return proto  # e.g. > 2 GB or an invalid graph: check with the types we have
+        if path is None or inlined:
+            return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        with tempfile.TemporaryDirectory(prefix="fxopt-check-trt-") as tmp:
+            out = os.path.join(tmp, "inferred.onnx")
+            onnx.shape_inference.infer_shapes_path(path, out, data_prop=True)
+            return onnx.load(out, load_external_data=False)
+    except Exception as e:
+        notes.append(f"could not run ONNX shape inference ({_short(e)}): the int64 and rank "
+                     "checks used only the types and shapes the model declares, so they may "
+                     "have missed problems")
+        return proto
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:200]
 
 
 def _metadata_bounds(proto: onnx.ModelProto) -> dict:
@@ -208,8 +230,10 @@ def _validate_bounds(bounds: Mapping[str, Any], where: str) -> dict[str, tuple[i
 
 
 class _Checker:
-    def __init__(self, proto: onnx.ModelProto, version: int, data: dict, bounds: dict):
+    def __init__(self, proto: onnx.ModelProto, version: int, data: dict, bounds: dict,
+                 base_dir: str = "", notes: list[str] | None = None):
         self.proto, self.v, self.data, self.bounds = proto, version, data, bounds
+        self.base_dir, self.notes = base_dir, notes if notes is not None else []
         self.types: dict[str, int] = {}
         self.shapes: dict[str, list[int | None]] = {}
         self.tensors: dict[str, onnx.TensorProto] = {}  # converted to numpy only when read
@@ -253,10 +277,13 @@ class _Checker:
 
     def _value(self, name: str) -> np.ndarray | None:
         if name not in self.arrays and name in self.tensors:
-            try:
-                self.arrays[name] = numpy_helper.to_array(self.tensors[name])
-            except Exception:
-                return None  # e.g. external data that could not be read
+            try:  # external data is read from beside the model file, only when needed
+                self.arrays[name] = numpy_helper.to_array(self.tensors[name], self.base_dir)
+            except Exception as e:
+                self.notes.append(f"could not read the value of {name} ({_short(e)}): the "
+                                  "checks that need it treated it as unknown")
+                self.tensors.pop(name)
+                return None
         return self.arrays.get(name)
 
     def _propagate_constant(self, node: onnx.NodeProto) -> None:

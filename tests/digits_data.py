@@ -54,3 +54,35 @@ def fails() -> list:
 
 def empty() -> list:
     return []
+
+
+def _labels() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().target)
+
+
+def train_set():
+    """Fine-tuning data for ``fxopt finetune --train-data``: 256 real digits and labels."""
+    from torch.utils.data import TensorDataset
+
+    return TensorDataset(_digits()[:256], _labels()[:256])
+
+
+def val_set():
+    """Held-out digits (``--val-data``): an ``(X, Y)`` pair of tensors."""
+    return _digits()[1500:1628], _labels()[1500:1628]
+
+
+def bad_train_set():
+    """Items whose width does not fit the model (65 features, not 64)."""
+    return torch.rand(16, 65), torch.zeros(16, dtype=torch.long)
+
+
+def rank1_fails():
+    """``train_set`` on rank 0; on torchrun's rank 1 the 'dataset' is not mounted."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("dataset not mounted on this node")
+    return train_set()

@@ -301,6 +301,9 @@ def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
         assert f"{row['params_before']} -> {row['params_after']}" in line
         assert f"{row['macs_before']} -> {row['macs_after']}" in line
     assert abs(report["achieved"]["macs"] - 0.5) <= 0.03
+    achieved = f"{report['totals']['macs_after'] / report['totals']['macs_before']:.1%}"
+    assert f"target 50.0% of MACs, achieved {achieved}" in out
+    assert "NOT EXACT" not in out and "(not exact)" not in out
     # the "before" of the table is the graph the default pipeline handed to prune
     model, inputs, _ = load_spec("resnet")
     cleaned = fxopt.optimize(model, inputs, "default").module
@@ -308,6 +311,22 @@ def test_optimize_prune_prints_the_per_layer_table(capsys, tmp_path):
     written = fxopt.inspect(fxopt.load(tmp_path / "m").module, inputs)  # the artifact
     assert (report["totals"]["params_after"], report["totals"]["macs_after"]) == \
         (written.params, written.macs)
+
+
+def test_optimize_prune_hidden_prints_which_groups_are_not_exact(capsys, tmp_path):
+    code, out, err = run(capsys, "optimize", "transformer", "--pipeline",
+                         "default,prune(ratio=0.5,hidden=True)", "-o", str(tmp_path / "m"),
+                         "--report-json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    record = next(r for r in json.loads((tmp_path / "r.json").read_text())
+                  if r["name"] == "prune")
+    (entry,) = record["stats"]["report"]["not_exact"]
+    line = next(ln for ln in out.splitlines() if ln.startswith("NOT EXACT"))
+    assert f"group {entry['group']}" in line and "normalizes" in line
+    assert "embed" in entry["layers"] and all(x in line for x in entry["layers"][:4])
+    marked = [ln.split()[0] for ln in out.splitlines() if ln.endswith("(not exact)")]
+    assert "embed" in marked and set(marked) <= set(entry["layers"])
+    assert "target ratio 0.500" in out
 
 
 @pytest.mark.parametrize(("pipeline", "plot", "needle"), [

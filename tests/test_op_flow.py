@@ -20,7 +20,9 @@ def test_every_table_entry_names_a_known_rule_or_blocks():
     kinds = {e.kind: e.flow for e in OP_TABLE}
     assert kinds["relu"] == kinds["add"] == "same_index"
     assert kinds["cat"] == "concat" and kinds["conv"] == "conv"
-    assert kinds["group_norm"] is None and kinds["attention"] is None  # not declared: block
+    assert kinds["group_norm"] is None  # not declared: block
+    assert kinds["attention"] == "mha_module"  # blocks, saying prune decomposes it
+    assert kinds["vector_norm"] == "over_dim"
 
 
 def my_act(x):

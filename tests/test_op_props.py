@@ -26,7 +26,7 @@ USED_TO_LIVE_IN_THE_PASSES = {
     # passes/half.py FP32_KINDS
     Prop.FP32_SENSITIVE: {"softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm",
                           "rms_norm", "sum", "mean", "cumsum", "exp", "log", "pow", "std",
-                          "var", "prod"},
+                          "var", "prod", "vector_norm"},
     # passes/half.py CPU_FP32_KINDS (an empty hook)
     Prop.FP32_ONLY: set(),
     # quant/static.py _WEIGHTED

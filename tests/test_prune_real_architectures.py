@@ -10,7 +10,9 @@ independent ``_state_dict_twin`` below (``load_state_dict`` on a zeroed copy of 
 state_dict, so tied weights are handled the way torch handles them). Both must equal the
 pruned graph on fresh inputs to float round-off.
 
-Models where the pass fails are strict xfails in ``XFAIL`` with the reason measured; the
+Models where nothing is exactly prunable are in ``NOTHING_EXACT``: the typed PassError
+must give the listed reasons. Models where the pass fails are strict xfails in ``XFAIL``
+with the reason measured; the
 groups each model refuses, and why, are checked to carry a reason (``stats["refused"]``,
 the same reasons ``fxopt.prune.groups`` gives). Nothing here loosens the check.
 """
@@ -24,6 +26,7 @@ import pytest
 import torch
 
 import fxopt
+from fxopt import PassError
 from fxopt.prune import masked_twin
 from fxopt.verify import EXACT, compare_outputs
 
@@ -33,13 +36,12 @@ from real_architectures import ARCHITECTURES  # noqa: E402  (needs transformers)
 
 pytestmark = pytest.mark.slow  # every test builds a third-party model
 
-_SWIN = ("Swin: the shrink of the windowed attention crashes (RuntimeError: output with shape "
-         "[32, 1, 16, 16] doesn't match the broadcast shape [32, 2, 16, 16]): the relative "
-         "position bias add keeps the unpruned head count")
-XFAIL: dict[str, str] = {
-    "swin": _SWIN,
-    "convnext-v2": ("ConvNeXt-V2: GRN's linalg_vector_norm declares no channel flow and the "
-                    "rest sits under LayerNorm, so nothing is prunable (PassError)"),
+XFAIL: dict[str, str] = {}
+# models where nothing can be pruned exactly: the typed PassError must give these reasons
+NOTHING_EXACT: dict[str, tuple[str, ...]] = {
+    # GRN divides by the mean over channels of its spatial norms; the rest sits under
+    # LayerNorm or reaches the output
+    "convnext-v2": ("mean", "mixes channels", "normalizes over axis", "reaches the graph output"),
 }
 
 
@@ -71,6 +73,12 @@ def test_pruned_equals_masked_twin_from_plan(name):
     arch = ARCHITECTURES[name]
     model = arch.build()
     before = copy.deepcopy(model.state_dict())
+    if name in NOTHING_EXACT:
+        with pytest.raises(PassError, match="nothing in this model can be pruned exactly") as e:
+            fxopt.optimize(model, arch.make_inputs(), "prune(ratio=0.5)")
+        assert all(why in str(e.value) for why in NOTHING_EXACT[name]), str(e.value)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return
     res = fxopt.optimize(model, arch.make_inputs(), "prune(ratio=0.5)")
     record = res.report.records[-1]
     stats = record.stats
@@ -113,3 +121,26 @@ def test_pruned_equals_masked_twin_from_plan(name):
         assert report.ok(EXACT), (name, report.rel)
     assert not compare_outputs(original, got, EXACT).ok(EXACT)  # pruning changed something
     assert planned  # at least one member was located by the plan alone
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet-v2", "convnext"])
+def test_a_plan_made_after_default_applies_to_the_users_model(name, tmp_path):
+    """``default,prune(ratio=0.5)`` folds batch norms (and layer scales) first; the plan
+    still names only the user's state_dict keys (the folded tensors as passthrough
+    members), its state_dict twin equals the pruned graph, and replaying the JSON plan
+    after ``default`` gives the same weights."""
+    arch = ARCHITECTURES[name]
+    model = arch.build()
+    res = fxopt.optimize(model, arch.make_inputs(), "default,prune(ratio=0.5)")
+    plan = json.loads(json.dumps(res.report.records[-1].stats["plan"]))
+    sd = model.state_dict()
+    assert plan and all(m["param"] in sd for g in plan for m in g["members"])
+    fresh = arch.make_inputs(batch=2, seed=1)
+    with torch.no_grad():
+        got = res.module(*fresh)
+        assert compare_outputs(_state_dict_twin(model, plan)(*fresh), got, EXACT).ok(EXACT)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    again = fxopt.optimize(model, arch.make_inputs(), f"default,prune(plan={str(path)!r})")
+    a, b = res.module.state_dict(), again.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

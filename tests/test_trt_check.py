@@ -422,3 +422,66 @@ def test_missing_file_raises(tmp_path):
 def test_unknown_trt_version_raises(version):
     with pytest.raises(LoweringError, match="trt_version"):
         check_trt(_unary("Relu"), trt_version=version)
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def _external_model(folder: Path) -> Path:
+    """int64 shape arithmetic whose types only shape inference knows, and an asymmetric Q/DQ
+    whose zero point lives in the external data file."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Add", ["s", "s"], ["twice"], name="add64"),
+             helper.make_node("QuantizeLinear", ["x", "sc", "zp"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["y"], name="dq")]
+    model = _model(nodes, [_vi("x", F, [2, 3])], [_vi("y", F, 2), _vi("twice", I64, 1)],
+                   [_init("sc", np.array(0.1, np.float32)), _init("zp", np.array(5, np.int8))])
+    path = folder / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    assert (folder / "ext.onnx.data").is_file()
+    assert all(t.data_location == TensorProto.EXTERNAL
+               for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    return path
+
+
+def _no_in_memory_inference(monkeypatch):
+    """What a model over protobuf's 2 GB limit does to in-memory shape inference."""
+    def refuse(*args, **kwargs):
+        raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refuse)
+
+
+def test_external_data_model_is_checked_from_the_file(tmp_path, monkeypatch):
+    path = _external_model(tmp_path)
+    loads = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    _no_in_memory_inference(monkeypatch)  # the file path is what must be used
+    report = check_trt(path)
+    codes = {(f.code, f.node) for f in report.findings}
+    assert ("int64-compute", "add64") in codes  # types from infer_shapes_path
+    assert {("qdq-asymmetric", "q"), ("qdq-asymmetric", "dq")} <= codes  # zp from .data
+    assert loads and all(k.get("load_external_data") is False for k in loads)
+    assert not [n for n in report.notes if n.startswith("could not")], report.notes
+
+
+def test_failed_shape_inference_is_said_in_the_report(tmp_path, monkeypatch):
+    model = onnx.load(str(_external_model(tmp_path)))  # an in-memory proto: no file path
+    _no_in_memory_inference(monkeypatch)
+    report = check_trt(model)
+    assert "int64-compute" not in {f.code for f in report.findings}
+    (note,) = [n for n in report.notes if n.startswith("could not run ONNX shape inference")]
+    assert "2GB" in note and "int64 and rank checks" in note
+    assert f"note: {note}" in report.format() and note in report.to_dict()["notes"]
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", lambda *a, **k: 1 / 0)
+    from_file = check_trt(tmp_path / "ext.onnx")
+    assert any("ZeroDivisionError" in n for n in from_file.notes), from_file.notes
+
+
+def test_unreadable_external_value_is_a_note(tmp_path):
+    path = _external_model(tmp_path)
+    (tmp_path / "ext.onnx.data").unlink()
+    report = check_trt(path)
+    assert any(n.startswith("could not read the value of zp") for n in report.notes)
+    assert "int64-compute" in {f.code for f in report.findings}  # inference still ran

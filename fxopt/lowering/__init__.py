@@ -79,6 +79,8 @@ def register_backend(name: str, module: str, description: str = "") -> None:
 
 register_backend("eager", "fxopt.lowering.eager", "folder: readable code, graph.json, safetensors")
 register_backend("onnx", "fxopt.lowering.onnx", "a .onnx file verified in ONNX Runtime")
+register_backend("tensorrt", "fxopt.lowering.tensorrt",
+                 "a TensorRT .engine file with its .engine.json manifest")
 
 
 def targets() -> list[str]:

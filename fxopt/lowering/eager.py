@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from fxopt.errors import ArtifactVersionError, InputSpecError, LoweringError
 from fxopt.lowering import (
@@ -59,18 +60,24 @@ class EagerArtifact(Artifact):
     """A loaded eager folder: ``art(*inputs)``, ``art.module``, ``art.manifest``.
 
     Calls are checked against ``art.input_spec`` (from the manifest) before anything runs:
-    a wrong count, dtype, rank or static dim raises InputSpecError.
+    a wrong count, dtype, rank or static dim raises InputSpecError. Loaded with a
+    ``device``, ``art.device`` is it and tensor inputs are copied there (outputs stay there).
     """
 
     kind = "eager"
 
-    def __init__(self, path: Path, manifest: dict, module: fx.GraphModule) -> None:
+    def __init__(self, path: Path, manifest: dict, module: fx.GraphModule,
+                 device: torch.device | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.module = module
+        self.device = device
         self.input_spec = read_spec(manifest.get("input_spec"), f"cannot load {self.path}")
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self.device is not None:
+            inputs, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: t.to(self.device), (inputs, kwargs))
         if self.input_spec is not None:
             inputs, kwargs = _by_position(self.input_spec, inputs, kwargs), {}
             check_inputs(self.input_spec, inputs, f"eager artifact {self.path.name}")
@@ -204,19 +211,27 @@ def detect(path: str | os.PathLike) -> bool:
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> EagerArtifact:
     """Rebuild the GraphModule of an eager folder (eval mode) without unpickling anything.
 
-    ``device`` moves every tensor there; by default each goes back where it was saved from.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``) moves every weight
+    there and the devices the graph names (``torch.arange(..., device=...)``, ``.to(...)``
+    after torch.export) with them, as ``torch.export.passes.move_to_device_pass`` does;
+    inputs are then copied there per call. By default each tensor goes back where it was
+    saved from. CUDA asked for where torch has none is a LoweringError before any work.
 
-    >>> art = load("out/model")  # doctest: +SKIP
-    >>> art.module.graph.print_tabular()  # doctest: +SKIP
+    >>> art = load("out/model", device="cuda")  # doctest: +SKIP
+    >>> art(torch.randn(2, 3)).device  # doctest: +SKIP
+    device(type='cuda', index=0)
     """
     folder = Path(path)
+    target = _target_device(device)
     manifest, graph_doc, saved = read_files(folder)
     try:
         trusted = check_trusted(manifest.get("trusted", []), "manifest 'trusted'")
         root = rebuild_modules(manifest["modules"])
-        assign_tensors(root, manifest["tensors"], saved, device)
+        assign_tensors(root, manifest["tensors"], saved, target)
         with trusting(trusted):  # only the modules the manifest declares may be imported
             gm = graph_from_json(graph_doc, root)
+        if target is not None:
+            _move_graph_devices(gm, target)
     except ArtifactVersionError:
         raise
     except LoweringError as e:
@@ -231,4 +246,59 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> E
         "capture": manifest.get("capture"),
         "artifact": str(folder),
     }
-    return EagerArtifact(folder, manifest, gm)
+    return EagerArtifact(folder, manifest, gm, target)
+
+
+def _target_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LoweringError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or "
+                            "'cuda:N'") from e
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoweringError(
+                f"device {str(device)!r}: CUDA is not available here (torch "
+                f"{torch.__version__}, torch.cuda.is_available() is False: a CPU-only torch "
+                "build, no GPU or no driver); load with device='cpu', or install a CUDA "
+                "build of torch on a GPU machine")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise LoweringError(f"device {str(device)!r}: this machine has {count} CUDA "
+                                f"device(s) (cuda:0..cuda:{count - 1})")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+def _move_graph_devices(gm: fx.GraphModule, target: torch.device) -> None:
+    """Point every device the graph names at ``target`` (device literals in arguments,
+    ``device=`` strings, and the device of ``.to(...)``)."""
+
+    def move(v: Any) -> Any:
+        return target if isinstance(v, torch.device) else v
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        args = fx.node.map_aggregate(node.args, move)
+        kwargs = dict(fx.node.map_aggregate(node.kwargs, move))
+        if isinstance(kwargs.get("device"), str):
+            kwargs["device"] = target
+        if node.op == "call_method" and node.target == "to":
+            args = tuple(target if isinstance(a, str) and _is_device(a) else a for a in args)
+        if args != node.args or kwargs != dict(node.kwargs):
+            node.args, node.kwargs, changed = args, kwargs, True
+    if changed:
+        gm.recompile()
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True

@@ -41,9 +41,17 @@ from torch.utils import _pytree as pytree
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import Artifact, destination, onnx_export, run_module, write_files
 from fxopt.lowering.input_spec import check_inputs, spec_for_onnx
+from fxopt.lowering.onnx_session import (
+    ACCELERATOR_TOLERANCE,
+    CPU,
+    open_session,
+    provider_name,
+    session_config,
+    verification_configs,
+)
 from fxopt.lowering.versions import check_versions, version_note
 from fxopt.progress import stage
-from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, random_like_inputs
+from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, loosest, random_like_inputs
 
 FORMAT = "fxopt-onnx"
 FORMAT_VERSION = 1
@@ -53,17 +61,6 @@ DEFAULT_OPSET = 20  # torch.onnx's default too; opset 20 has a native Gelu
 DEFAULT_FILE = "model.onnx"
 # protobuf cannot serialize a message over 2 GiB; keep headroom for the graph itself
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-_PREFERRED_PROVIDERS = (
-    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
-)
-
-
 class OnnxArtifact(Artifact):
     """An ONNX file with an ONNX Runtime session: ``art(*inputs)``, ``art.session``,
     ``art.manifest`` (what fxopt recorded; empty for files fxopt did not write) and
@@ -134,6 +131,7 @@ def lower(
     threads: int | None = None,
     graph_optimization_level: str = "all",
     providers: Sequence[Any] | None = None,
+    provider_fallback: bool = False,
 ) -> OnnxArtifact:
     """Export ``gm`` to ONNX at ``path``, verified in ONNX Runtime before it is moved there.
 
@@ -147,7 +145,12 @@ def lower(
     Runtime runs real int8 kernels there), ``HALF_FP16`` / ``HALF_BF16`` where half tensors
     flow (ONNX Runtime's half kernels accumulate in another order).
     Session options (``threads``, ``graph_optimization_level``, ``providers``) apply to
-    the returned artifact; verification always runs on ONNX Runtime's CPU provider.
+    the returned artifact. Verification runs on ONNX Runtime's CPU provider and, when
+    ``providers`` names others (``["TensorrtExecutionProvider", "CUDAExecutionProvider",
+    "CPUExecutionProvider"]``), on those too (within ``ACCELERATOR_TOLERANCE`` at least);
+    a provider this ONNX Runtime lacks, or one the session silently drops, is a
+    LoweringError naming it, unless ``provider_fallback=True`` verifies on the rest. The
+    manifest records the providers used (``providers``) and those missing.
 
     >>> art = lower(gm, (x,), "out/model.onnx", opset=18)  # doctest: +SKIP
     >>> art(x)  # doctest: +SKIP
@@ -164,7 +167,7 @@ def lower(
     input_names = _input_names(gm, inputs)
     dims = _dynamic_dims(inputs, input_names, dynamic, dynamic_dims)
     bounds = _check_bounds(dim_bounds, dims)
-    session_config = _session_config(threads, graph_optimization_level, providers)
+    config = session_config(threads, graph_optimization_level, providers, provider_fallback)
     if not isinstance(opset, int) or not 7 <= opset <= onnx.defs.onnx_opset_version():
         raise LoweringError(
             f"opset {opset!r} is not available; use 7..{onnx.defs.onnx_opset_version()}")
@@ -181,7 +184,9 @@ def lower(
                external_data_threshold, tolerance,
                checks=[("the example inputs", inputs, pytree.tree_leaves(reference))]
                + _grown_checks(gm, inputs, dims),
-               out_spec=pytree.tree_structure(reference))
+               out_spec=pytree.tree_structure(reference),
+               verify_on=verification_configs(config, providers is not None),
+               missing_providers=config["missing"])
     failures: list[str] = []
     for name in exporters:
         try:
@@ -196,7 +201,7 @@ def lower(
             warnings.warn(
                 f"fxopt: exported {dest.name} with the {name} exporter because "
                 + "; ".join(failures), FxoptWarning, stacklevel=2)
-        return load(dest, **session_config)
+        return load(dest, **_artifact_config(config))
     raise LoweringError(f"no exporter produced a verified ONNX model: {' | '.join(failures)}")
 
 
@@ -215,6 +220,8 @@ class _Job:
     tolerance: Tolerance
     checks: list
     out_spec: Any
+    verify_on: list[dict]
+    missing_providers: list[str]
 
     def write(self, f: Path, exporter: str, failures: list[str]) -> Path:
         start = time.perf_counter()
@@ -230,8 +237,15 @@ class _Job:
         _write_model(model, f, self.threshold)
         _check_model(f)
         with stage("verifying in ONNX Runtime"):
-            manifest["verified"] = _verify(f, self.checks, self.output_names, self.tolerance,
-                                           exporter)
+            verified = {}
+            for config in self.verify_on:
+                key = ",".join(provider_name(p) for p in config["providers"])
+                verified[key], used = _verify(f, self.checks, self.output_names,
+                                              self.tolerance, exporter, config)
+            manifest["verified"] = verified.pop(CPU)
+            manifest["verified_providers"] = verified
+            manifest["providers"] = used
+            manifest["providers_missing"] = self.missing_providers
         model.metadata_props["fxopt"] = json.dumps(manifest)
         _write_model(model, f, self.threshold)  # again, with the verified errors recorded
         return f
@@ -406,9 +420,13 @@ def _check_model(f: Path) -> None:
 
 
 def _verify(f: Path, checks: list, output_names: list[str], tolerance: Tolerance,
-            exporter: str) -> dict:
-    cpu = _session_config(None, "all", ["CPUExecutionProvider"])
-    session = _session(f, cpu, log_level=4)
+            exporter: str, config: dict) -> tuple[dict, list[str]]:
+    """Per check ``{max_abs, max_rel}`` on the providers of ``config``, and the providers
+    the session used."""
+    session = open_session(f, config, log_level=4, strict=True)
+    on = "" if session.get_providers() == [CPU] else f" on {session.get_providers()[0]}"
+    if on:
+        tolerance = loosest([tolerance, ACCELERATOR_TOLERANCE])
     got_names = [o.name for o in session.get_outputs()]
     if got_names != output_names:
         raise LoweringError(f"the ONNX model has outputs {got_names}, expected {output_names}")
@@ -424,15 +442,15 @@ def _verify(f: Path, checks: list, output_names: list[str], tolerance: Tolerance
         try:
             outs = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
         except Exception as e:
-            raise LoweringError(f"ONNX Runtime failed on {what}: {_ort_reason(e)}{hint}") from e
+            raise LoweringError(f"ONNX Runtime{on} failed on {what}: {_ort_reason(e)}{hint}") from e
         report = compare_outputs(ref, outs, tolerance)
         if not report.ok():
             bad = report.structure_error or _worst(report, output_names, tolerance)
             raise LoweringError(
-                f"ONNX Runtime does not reproduce the GraphModule on {what}: {bad}{hint}; "
+                f"ONNX Runtime{on} does not reproduce the GraphModule on {what}: {bad}{hint}; "
                 "the file was not written")
         results[what] = {"max_abs": report.max_abs, "max_rel": report.rel}
-    return results
+    return results, list(session.get_providers())
 
 
 def _ort_reason(e: Exception) -> str:
@@ -466,13 +484,14 @@ def detect(path: str | os.PathLike) -> bool:
 
 def load(path: str | os.PathLike, threads: int | None = None,
          graph_optimization_level: str = "all",
-         providers: Sequence[Any] | None = None) -> OnnxArtifact:
+         providers: Sequence[Any] | None = None,
+         provider_fallback: bool = False) -> OnnxArtifact:
     """Open an ONNX file (or a folder with ``model.onnx``) in ONNX Runtime.
 
     >>> art = load("out/model.onnx", threads=2, providers=["CPUExecutionProvider"])
     ... # doctest: +SKIP
     """
-    config = _session_config(threads, graph_optimization_level, providers)
+    config = session_config(threads, graph_optimization_level, providers, provider_fallback)
     p = Path(path)
     f = p / DEFAULT_FILE if p.is_dir() else p
     if not f.is_file():
@@ -491,60 +510,12 @@ def load(path: str | os.PathLike, threads: int | None = None,
     if manifest.get("format") == FORMAT:
         check_versions(manifest, str(f), supported=(OLDEST_FORMAT_VERSION, FORMAT_VERSION),
                        keys=VERSION_KEYS)
-    return OnnxArtifact(f.absolute(), manifest, _session(f, config), config)
+    return OnnxArtifact(f.absolute(), manifest, open_session(f, config), _artifact_config(config))
 
 
-def _session_config(threads: int | None, level: str,
-                    providers: Sequence[Any] | None) -> dict:
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise LoweringError(f"threads must be a positive integer, got {threads!r}")
-    if level not in _LEVELS:
-        raise LoweringError(f"graph_optimization_level {level!r}: use one of {', '.join(_LEVELS)}")
-    available = ort.get_available_providers()
-    if providers is None:
-        providers = [p for p in _PREFERRED_PROVIDERS if p in available]
-    for p in providers:
-        name = p[0] if isinstance(p, (tuple, list)) else p
-        if name not in available:
-            raise LoweringError(f"ONNX Runtime provider {name!r} is not available here; "
-                                f"available: {', '.join(available)}")
-    return {"threads": threads, "graph_optimization_level": level, "providers": list(providers)}
-
-
-def _session(f: Path, config: dict, log_level: int = 3) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = log_level
-    options.graph_optimization_level = _LEVELS[config["graph_optimization_level"]]
-    if config.get("threads"):
-        options.intra_op_num_threads = config["threads"]
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(f), options, providers=config["providers"])
-    except Exception as e:
-        raise LoweringError(f"ONNX Runtime cannot open {f.name}{_kernel_hint(f, str(e), config)}: "
-                            f"{str(e).strip()[:400]}") from e
-
-
-def _kernel_hint(f: Path, msg: str, config: dict) -> str:
-    """Name the missing kernel of a bfloat16 model (ONNX Runtime's CPU provider lacks many:
-    Conv, MatMul, Add...) and what to do; empty for any other failure."""
-    op = (re.search(r"Could not find an implementation for (\w+\(\d+\))", msg)
-          or re.search(r"tensor\(bfloat16\)' of input parameter \(\S*\) of operator \((\w+)\)",
-                       msg))
-    if op is None:
-        return ""
-    try:
-        proto = onnx.load_model(str(f), load_external_data=False)
-    except Exception:  # noqa: BLE001 - the hint is a courtesy; the raw error follows
-        return ""
-    bf16 = onnx.TensorProto.BFLOAT16
-    if not any(t.data_type == bf16 for t in proto.graph.initializer) and not any(
-            v.type.tensor_type.elem_type == bf16
-            for v in [*proto.graph.input, *proto.graph.value_info]):
-        return ""
-    providers = [p[0] if isinstance(p, (tuple, list)) else p for p in config["providers"]]
-    return (f" (no bfloat16 kernel for {op[1]} on {', '.join(providers)}: export with "
-            "half(dtype=fp16), or run on a provider with bfloat16 kernels such as CUDA)")
+def _artifact_config(config: dict) -> dict:
+    """What ``load`` takes again (missing providers were already dropped or refused)."""
+    return {k: config[k] for k in ("threads", "graph_optimization_level", "providers")}
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:

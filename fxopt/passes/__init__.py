@@ -4,6 +4,7 @@ from fxopt.passes import (  # noqa: F401
     builtin_rules,
     cleanup,
     constants,
+    finetune,
     fusion,
     half,
     prune,

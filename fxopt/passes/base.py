@@ -45,12 +45,17 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: example inputs, calibration data, notes."""
+    """What a pass may read besides the graph: example inputs, calibration data, notes,
+    and for recovery training (``finetune``) the training / validation data and the
+    teacher (the original model)."""
 
     example_inputs: tuple
     calibration: Iterable | None = None
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    train_data: Any = None
+    val_data: Any = None
+    teacher: Any = None
 
 
 @dataclass(frozen=True)

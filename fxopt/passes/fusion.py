@@ -13,6 +13,7 @@ import numbers
 import torch
 import torch.fx as fx
 
+from fxopt.graph_utils import attr_key, state_key
 from fxopt.op_props import Prop
 from fxopt.ops import OpView, fetch_attr, has_prop, kind_of, kinds_with, op_of
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
@@ -54,10 +55,19 @@ def _why_not_foldable(producer: OpView | None, consumer: fx.Node) -> str | None:
 
 
 def _apply_channel_affine(producer: OpView, scale: torch.Tensor | None,
-                          shift: torch.Tensor | None) -> None:
-    """W' = W * scale (per output channel), b' = b * scale + shift."""
+                          shift: torch.Tensor | None, sources: list[dict] = ()) -> None:
+    """W' = W * scale (per output channel), b' = b * scale + shift.
+
+    The producer node remembers what it absorbed, for plans on the user's model (prune):
+    ``meta["fxopt_folded"]`` lists the per-channel tensors folded in (state_dict key and
+    the dim that runs along the channels), ``meta["fxopt_created"]`` the parameters the
+    fold created (a bias the user's layer does not have)."""
     weight = producer.params["weight"].detach()
     bias = producer.params.get("bias")
+    meta = producer.node.meta
+    if bias is None and "bias" not in meta.get("fxopt_created", ()):
+        meta["fxopt_created"] = [*meta.get("fxopt_created", ()), "bias"]
+    meta["fxopt_folded"] = [*meta.get("fxopt_folded", ()), *sources]
     out_channels = _out_channels(producer, weight)
     bias = torch.zeros(out_channels, dtype=weight.dtype) if bias is None else bias.detach()
     if scale is not None:
@@ -148,7 +158,9 @@ def _fold_one_bn(node: fx.Node) -> str | None:
     targets = _bn_output_users(node)
     if targets is None:
         return "batch norm auxiliary outputs (saved statistics) are used"
-    _apply_channel_affine(producer, scale, shift)
+    sources = [{"param": state_key(bn, name), "dim": 0} for name in
+               ("weight", "bias", "running_mean", "running_var") if bn.params.get(name) is not None]
+    _apply_channel_affine(producer, scale, shift, sources)
     for target in targets:
         target.replace_all_uses_with(producer.node)
     for target in targets:
@@ -211,19 +223,32 @@ def _fold_one_affine(node: fx.Node) -> bool:
     vec = _per_channel(const, producer.out_shape, _channel_dim(producer))
     if vec is None:
         return False
+    src = _channel_source(b, const, producer.out_shape, _channel_dim(producer))
     if view.kind == "mul":
-        _apply_channel_affine(producer, vec, None)
+        _apply_channel_affine(producer, vec, None, src)
     elif view.kind == "div":
         if bool((vec == 0).any()):
             return False
-        _apply_channel_affine(producer, 1.0 / vec, None)
+        _apply_channel_affine(producer, 1.0 / vec, None, src)
     elif view.kind == "add":
-        _apply_channel_affine(producer, None, vec)
+        _apply_channel_affine(producer, None, vec, src)
     else:
-        _apply_channel_affine(producer, None, -vec)
+        _apply_channel_affine(producer, None, -vec, src)
     node.replace_all_uses_with(producer.node)
     node.graph.erase_node(node)
     return True
+
+
+def _channel_source(arg: object, const: torch.Tensor, out_shape: tuple,
+                    channel_dim: int) -> list[dict]:
+    """The folded constant as a plan source: its state_dict key and the dim of it that runs
+    along the channels (none for a number or a constant broadcast over them)."""
+    if not isinstance(arg, fx.Node):
+        return []
+    dim = channel_dim % len(out_shape) - (len(out_shape) - const.dim())
+    if dim < 0 or const.shape[dim] == 1:
+        return []
+    return [{"param": attr_key(arg), "dim": dim}]
 
 
 @register_pass("fold_bn", Semantics.EXACT)

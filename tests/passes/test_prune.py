@@ -149,7 +149,7 @@ def test_mac_target_is_reached_and_reported(name, mode):
 
 
 def test_an_unreachable_mac_target_is_a_pass_error():
-    model, inputs = zoo.load("transformer")  # only the MLP widths prune
+    model, inputs = zoo.load("transformer")  # heads and MLP widths prune, the width stays
     with pytest.raises(PassError, match="no ratio keeps"):
         _prune(model, inputs, spec="prune(macs=0.1)")
 

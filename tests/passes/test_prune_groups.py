@@ -162,7 +162,7 @@ def test_attention_heads_with_grouped_query_ratio(mode):
     assert q_axis and all(len(set(g.units[ax][:32])) == 1 for ax in q_axis)
     # the residual width sits under RMSNorm statistics: refused, and said so
     res = _with(gs, "blocks.0.attn.out_proj.weight", 0)
-    assert not res.prunable and any("mixes values along axis" in r for r in res.reasons)
+    assert not res.prunable and any("mixes channels" in r for r in res.reasons)
 
 
 @pytest.mark.parametrize("mode", MODES)

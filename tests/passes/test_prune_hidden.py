@@ -45,7 +45,7 @@ def _hidden_group(plan, key):
     return [g for g in plan if any(m["param"] == key for m in g["members"])]
 
 
-CASES = [("transformer", "export", "embed.weight"),
+CASES = [("transformer", "export", "embed.weight"), ("transformer", "symbolic", "embed.weight"),
          ("embedded_gqa", "symbolic", "embed.weight"), ("embedded_gqa", "export", "embed.weight")]
 
 
@@ -60,9 +60,10 @@ def _load(name):
 def test_hidden_false_keeps_the_width_and_says_why(name, mode, embed):
     model, inputs = _load(name)
     gm = fxopt.capture(model, inputs, mode=mode)
+    gm = fxopt.prune.decompose_attention(gm, inputs)[0]  # what the pass groups on
     (refused,) = [g for g in fxopt.prune.groups(gm) if any(m.param == embed for m in g.members)]
     assert not refused.prunable and refused.exact
-    assert any("normalizes over axis" in r or "mixes values" in r for r in refused.reasons)
+    assert any("normalizes over axis" in r or "mixes channels" in r for r in refused.reasons)
     assert any("hidden=True" in r for r in refused.reasons)
     (asked,) = [g for g in fxopt.prune.groups(gm, hidden=True)
                 if any(m.param == embed for m in g.members)]
@@ -119,12 +120,3 @@ def test_hidden_must_be_a_bool():
     model, inputs = _embedded_gqa()
     with pytest.raises(PassError, match="hidden must be True or False"):
         fxopt.optimize(model, inputs, "prune(hidden=2)")
-
-
-def test_symbolic_multihead_attention_blocks_the_hidden_width():
-    """nn.MultiheadAttention as one call_module declares no channel flow, so even with
-    hidden=True the width stays (its ATen decomposition, mode="export", prunes it)."""
-    model, inputs = zoo.load("transformer")
-    _, stats = _prune(model.eval(), inputs, "symbolic", True)
-    assert "not_exact" not in stats and all(g["exact"] for g in stats["plan"])
-    assert any("attention op" in why for r in stats["refused"] for why in r["reasons"])

@@ -99,3 +99,26 @@ def test_plot_kept_errors_leave_nothing(tmp_path):
     with pytest.raises(PassError, match="no pruned layers"):
         fxopt.prune.plot_kept({"plan": []}, tmp_path / "kept.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_names_the_groups_that_are_not_exact_and_the_target():
+    model, inputs = zoo.load("transformer")
+    stats = fxopt.optimize(model.eval(), inputs, "prune(ratio=0.5,hidden=True)",
+                           mode="export").report.records[-1].stats
+    report = json.loads(json.dumps(stats["report"]))
+    inexact = [g for g in stats["plan"] if not g["exact"]]
+    assert [e["group"] for e in report["not_exact"]] == [g["group"] for g in inexact] != []
+    (entry,) = report["not_exact"]
+    assert "embed" in entry["layers"] and "normalizes over axis" in entry["reason"]
+    flagged = {r["layer"] for r in report["layers"] if not r["exact"]}
+    assert "embed" in flagged and flagged <= set(entry["layers"])
+    assert report["target"]["ratio"] == 0.5 and report["target"]["macs"] is None
+    removed = stats["units_removed"] / sum(g["units"] for g in stats["plan"])
+    assert report["achieved"]["channels_removed"] == pytest.approx(removed, abs=1e-4)
+    table = fxopt.prune.prune_table(stats)
+    assert f"NOT EXACT (hidden=True): group {entry['group']}" in table
+    assert "target ratio 0.500" in table
+    exact = fxopt.optimize(model, inputs, "prune(ratio=0.5)",
+                           mode="export").report.records[-1].stats
+    assert exact["report"]["not_exact"] == [] and "NOT EXACT" not in \
+        fxopt.prune.prune_table(exact)

@@ -113,8 +113,29 @@ def test_a_steps_plan_replays_to_the_same_graph(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("spec", ["prune(steps=0)", "prune(steps=1.5)",
-                                  "prune(macs=0.5,steps=2)"])
+@pytest.mark.parametrize(("name", "spec"), [("resnet", "prune(macs=0.6,scope=global,steps=3)"),
+                                            ("mlp", "prune(macs=0.5,steps=2)")])
+def test_steps_with_a_mac_target_search_the_ratio_once_then_step_to_it(name, spec):
+    model, inputs = zoo.load(name)
+    _, once = _prune(model, inputs, spec.replace(",steps=3)", ")").replace(",steps=2)", ")"))
+    res, stats = _prune(model, inputs, spec)
+    before, after = res.report.records[-1].macs
+    assert stats["ratio"] == once["ratio"]  # the same one-shot search
+    assert stats["steps"] == len(stats["units_removed_per_step"]) > 1
+    assert abs(stats["macs_kept"] - after / before) < 1e-6  # measured on the pruned graph
+    assert stats["macs_target"] == once["macs_target"]
+    if "global" not in spec:  # local scope: the same counts per group, so the same MACs
+        assert abs(stats["macs_kept"] - stats["macs_target"]) <= 0.03
+        assert stats["macs_kept"] == pytest.approx(once["macs_kept"])
+    assert ("macs_note" in stats) == (abs(stats["macs_kept"] - stats["macs_target"]) > 0.03)
+    assert "target" in fxopt.prune.prune_table(res.report.records[-1].stats)
+    fresh = zoo.get(name).make_inputs(3)
+    with torch.no_grad():
+        want = masked_twin(model, json.loads(json.dumps(stats["plan"])))(*fresh)
+        assert compare_outputs(want, res.module(*fresh), EXACT).ok(EXACT)
+
+
+@pytest.mark.parametrize("spec", ["prune(steps=0)", "prune(steps=1.5)"])
 def test_bad_steps_are_pass_errors(spec):
     model, inputs = zoo.load("mlp")
     with pytest.raises(PassError, match="steps"):

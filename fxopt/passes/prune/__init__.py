@@ -10,9 +10,10 @@ Example::
 """
 
 from fxopt.passes.prune import prune_pass  # noqa: F401 - registers "prune"
+from fxopt.passes.prune.attention import decompose_attention
 from fxopt.passes.prune.groups import Group, Member, build_graph, groups
 from fxopt.passes.prune.report import plot_kept, prune_table
 from fxopt.passes.prune.twin import masked_twin, zero_consumers
 
-__all__ = ["Group", "Member", "build_graph", "groups", "masked_twin", "plot_kept",
-           "prune_table", "zero_consumers"]
+__all__ = ["Group", "Member", "build_graph", "decompose_attention", "groups", "masked_twin",
+           "plot_kept", "prune_table", "zero_consumers"]

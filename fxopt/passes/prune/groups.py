@@ -24,7 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from fxopt.errors import PassError
-from fxopt.graph_utils import layer_name, matches
+from fxopt.graph_utils import attr_key, layer_name, matches, state_key
 from fxopt.op_flow import FLOW_RULES, Flow, Param, shape
 from fxopt.ops import op_of
 
@@ -84,19 +84,50 @@ def stored_dim(p: Param) -> int:
 
 
 def param_key(p: Param) -> str:
-    """The state_dict key of a member's tensor in the user's model: the module path capture
-    recorded (``meta["fxopt_module_path"]``, which survives ``flatten_modules``) and the
-    parameter's name, else the get_attr path."""
-    if p.view is not None and p.view.module is not None:
-        path = p.view.node.meta.get("fxopt_module_path") or str(p.view.node.target)
-        return f"{path}.{p.name}"
+    """The state_dict key of a member's tensor in the user's model (``graph_utils.state_key``:
+    the module path capture recorded, which survives ``flatten_modules``, and the
+    parameter's name, else the get_attr's key)."""
     if p.view is not None:
-        src = p.view.param_node(p.name)
-        if src is None:
-            return f"{p.view.node.name}.{p.name}"
-        return _attr_key(src, p.name)
+        return state_key(p.view, p.name)
     src = p.axis[0]
-    return _attr_key(src, None) if src.op == "get_attr" else p.name
+    return attr_key(src) if src.op == "get_attr" else p.name
+
+
+@dataclass(frozen=True)
+class PlanMember:
+    """One entry of a plan group's ``members``: the user's state_dict key, its dim, role,
+    the group axis its indices come from, and where the tensor lives in the graph (None
+    for a tensor a fold merged into its producer)."""
+
+    param: str
+    dim: int
+    role: str
+    axis: tuple[str, int]
+    attr: str | None
+
+
+def plan_members(group: Group) -> list[PlanMember]:
+    """What a plan lists for ``group``, in the user's model's terms: its weights, less a
+    bias that ``fold_bn`` created (the user's layer has none), plus, as passthrough
+    members with the producer's indices, the per-channel tensors folded into a producer
+    (a batch norm's weight, bias and running statistics; a folded layer scale)."""
+    out, seen = [], set()
+    for p in group.params:
+        node = p.view.node if p.view is not None else None
+        axis = (p.axis[0].name, p.axis[1])
+        if node is not None and p.name in node.meta.get("fxopt_created", ()):
+            continue
+        key = (param_key(p), stored_dim(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(PlanMember(key[0], key[1], p.role, axis, graph_path(p)))
+        if node is None or p.role != "producer" or p.name != "weight":
+            continue
+        for src in node.meta.get("fxopt_folded", ()):
+            if (src["param"], src["dim"]) not in seen:
+                seen.add((src["param"], src["dim"]))
+                out.append(PlanMember(src["param"], src["dim"], "passthrough", axis, None))
+    return out
 
 
 def graph_path(p: Param) -> str:
@@ -107,15 +138,6 @@ def graph_path(p: Param) -> str:
         src = p.view.param_node(p.name)
         return str(src.target) if src is not None else p.name
     return p.name
-
-
-def _attr_key(src: fx.Node, name: str | None) -> str:
-    target, path = str(src.target), src.meta.get("fxopt_module_path") or ""
-    if not path or target.startswith(path + "."):
-        return target
-    flat = path.replace(".", "_") + "_"
-    leaf = target[len(flat):] if target.startswith(flat) else name or target.rsplit(".", 1)[-1]
-    return f"{path}.{leaf}"
 
 
 def _flow_of(node: fx.Node) -> tuple[Flow | None, str, set]:
@@ -282,7 +304,23 @@ def groups(gm: fx.GraphModule, *, skip=None, hidden: bool = False) -> list[Group
         units, n = _units(g, comp)
         found.append(Group(len(found), comp, members, reasons, params, units, n,
                            inexact if hidden else []))
+    _block_shared(found)
     return found
+
+
+def _block_shared(found: list[Group]) -> None:
+    """A weight dim in two groups (a module called twice on different tensors) would be
+    cut twice, once per group: block every such group, naming the weight."""
+    owners: dict[tuple[str, int], list[Group]] = {}
+    for g in found:
+        for m in {(m.param, m.dim) for m in g.members}:
+            owners.setdefault(m, []).append(g)
+    for (param, dim), gs in owners.items():
+        if len(gs) > 1:
+            for g in gs:
+                g.reasons.append(f"{param} (dim {dim}) also belongs to group "
+                                 f"{[o.id for o in gs if o is not g][0]}: a weight shared "
+                                 "by several calls")
 
 
 def _real_params(params: list[Param]) -> list[Param]:

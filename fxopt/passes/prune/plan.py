@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fxopt.errors import PassError
-from fxopt.passes.prune.groups import Group, param_key, stored_dim
+from fxopt.passes.prune.groups import Group, plan_members
 from fxopt.passes.prune.shrink import indices_by_axis
 
 
@@ -37,49 +37,79 @@ def load_plan(plan) -> list[dict]:
                                              for g in plan):
         raise PassError("prune: a plan is a list of groups, each with 'members' (as in the "
                         "pass's stats['plan']); got something else")
+    for g in plan:
+        for m in g["members"]:
+            bad = _bad_member(m)
+            if bad:
+                raise PassError(f"prune plan: group {g.get('group')}: member "
+                                f"{m.get('param') if isinstance(m, dict) else m!r} {bad}")
     return plan
+
+
+def _bad_member(m) -> str | None:
+    """What is wrong with one plan member's fields, or None."""
+    if not isinstance(m, dict):
+        return "is not an object with param, dim, role and indices"
+    if not isinstance(m.get("param"), str):
+        return "has no 'param' (a state_dict key)"
+    if not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool):
+        return "has no integer 'dim'"
+    if m.get("role") not in ("producer", "consumer", "passthrough"):
+        return "has a 'role' other than producer, consumer or passthrough"
+    idx = m.get("indices")
+    if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            for i in idx):
+        return "has no list of integer 'indices'"
+    return None
 
 
 def replay(groups: list[Group], plan: list[dict]) -> list[np.ndarray]:
     """The units to remove from each of ``groups`` so that the shrink removes exactly the
-    indices of ``plan``; ``PassError`` when the plan does not describe this model."""
-    by_member = {}
-    for i, g in enumerate(groups):
-        for p in g.params:
-            by_member.setdefault((param_key(p), stored_dim(p)), (i, p))
+    indices of ``plan``; ``PassError`` naming the first member that does not match this
+    model (a key it does not have, another group, other indices, an index out of range).
+
+    Members are the user's state_dict keys (``groups.plan_members``), so a plan made after
+    ``fold_bn`` (batch norms as passthrough members of their conv) replays on the model
+    with or without the fold."""
+    members = [{(m.param, m.dim): m for m in plan_members(g)} for g in groups]
+    where = {key: i for i, ms in enumerate(members) for key in ms}
     removed = [np.zeros(0, dtype=np.int64) for _ in groups]
     for entry in plan:
-        producer = next((m for m in entry["members"] if m["role"] == "producer"), None)
-        hit = by_member.get((producer["param"], producer["dim"])) if producer else None
-        if hit is None:
-            name = producer["param"] if producer else "(no producer)"
-            raise PassError(f"prune plan: group {entry.get('group')} names {name!r}, which "
-                            "is no prunable group of this model: the plan was made for "
-                            "another model (or with other skip= settings)")
-        i, p = hit
-        g = groups[i]
+        name = f"group {entry.get('group')}"
+        hits = {where.get((m["param"], m["dim"])) for m in entry["members"]}
+        first = next((m for m in entry["members"] if where.get((m["param"], m["dim"])) is None),
+                     None)
+        if first is not None:
+            raise PassError(f"prune plan: member {first['param']} (dim {first['dim']}) of "
+                            f"{name} is not in any prunable channel group of this model: the "
+                            "plan was made for another model (or with other skip= / hidden= "
+                            "settings)")
+        if len(hits) != 1:
+            lead = next((m for m in entry["members"] if m["role"] == "producer"),
+                        entry["members"][0])
+            i = where[(lead["param"], lead["dim"])]
+            odd = next(m for m in entry["members"] if where[(m["param"], m["dim"])] != i)
+            raise PassError(f"prune plan: member {odd['param']} (dim {odd['dim']}) of {name} "
+                            f"is in another channel group of this model than {lead['param']} "
+                            f"(dim {lead['dim']}): the plan was made for another model")
+        i = hits.pop()
+        g, mine = groups[i], members[i]
         units = []
         for m in entry["members"]:  # a cat's producers each hold some of the units
-            mine = [q for q in g.params if param_key(q) == m["param"] and stored_dim(q) == m["dim"]]
-            if not mine:
-                raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) is not in "
-                                "this model's channel group: made for another model")
-            labels = g.units[(mine[0].axis[0].name, mine[0].axis[1])]
+            labels = g.units[mine[(m["param"], m["dim"])].axis]
             idx = np.asarray(m["indices"], dtype=np.int64)
-            if len(idx) and idx.max() >= len(labels):
-                raise PassError(f"prune plan: {m['param']} has {len(labels)} channels on dim "
-                                f"{m['dim']}, the plan removes index {idx.max()}: made for "
-                                "another model")
+            if len(idx) and (idx.max() >= len(labels) or idx.min() < 0):
+                raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) of {name} "
+                                f"has {len(labels)} channels, the plan removes index "
+                                f"{idx.max()}: made for another model")
             units.append(labels[idx])
         units = np.unique(np.concatenate(units)) if units else np.zeros(0, dtype=np.int64)
         by_axis = indices_by_axis(g, units)
         for m in entry["members"]:
-            mine = [q for q in g.params if param_key(q) == m["param"] and stored_dim(q) == m["dim"]]
-            if not mine or sorted(by_axis[(mine[0].axis[0].name, mine[0].axis[1])].tolist()) \
-                    != sorted(m["indices"]):
-                raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) of group "
-                                f"{entry.get('group')} does not match this model's channel "
-                                "groups: the plan was made for another model")
+            if by_axis[mine[(m["param"], m["dim"])].axis].tolist() != sorted(m["indices"]):
+                raise PassError(f"prune plan: member {m['param']} (dim {m['dim']}) of {name} "
+                                "removes other channels than its group's other members do in "
+                                "this model: the plan was made for another model")
         removed[i] = units
     return removed
 

@@ -19,6 +19,7 @@ from fxopt.errors import PassError
 from fxopt.graph_utils import annotate, copy_graph_module
 from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
+from fxopt.passes.prune.attention import decompose_attention
 from fxopt.passes.prune.groups import graph_path, groups, param_key
 from fxopt.passes.prune.plan import load_plan, replay, search_ratio
 from fxopt.passes.prune.report import layer_counts, layer_report, totals
@@ -51,7 +52,9 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     (``fxopt.passes.prune.taylor``: the loss is the outputs' squared norm). ``steps=N``
     prunes in N steps of ``ratio / N``, masking the removed units of a private copy and
     re-ranking between steps; the plan is the cumulative one in the original numbering,
-    applied as one shrink and checked against its masked twin.
+    applied as one shrink and checked against its masked twin. With ``macs=``, the ratio
+    for the target is searched once (one-shot ranking), then the N steps run to it;
+    ``stats["macs_kept"]`` is what the pruned graph keeps, next to ``macs_target``.
 
     Example::
 
@@ -59,6 +62,7 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         fxopt.optimize(model, (x,), "prune(macs=0.5)")
         fxopt.optimize(model, (x,), "prune(ratio=0.5,importance=taylor,steps=3)",
                        calibration=batches)
+        fxopt.optimize(model, (x,), "prune(macs=0.5,steps=3)")
     """
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise PassError(f"prune: ratio must be in [0, 1), not {ratio!r}")
@@ -70,15 +74,15 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: round_to must be a positive integer, not {round_to!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise PassError(f"prune: steps must be a positive integer, not {steps!r}")
-    if steps > 1 and macs is not None:
-        raise PassError("prune: steps= works with ratio=, not with macs= (yet); find the "
-                        "ratio with prune(macs=...) and give it as ratio=")
     if isinstance(skip, str):
         skip = [skip]
     if not isinstance(hidden, bool):
         raise PassError(f"prune: hidden must be True or False, not {hidden!r}")
     saved = load_plan(plan) if plan is not None else None
+    asked = ratio
     start = time.perf_counter()
+    original = gm
+    gm, decomposed, whole = decompose_attention(gm, tuple(ctx.example_inputs))
     found = groups(gm, skip=skip, hidden=hidden)
     refused = [{"group": g.id, "members": [m.param for m in g.members][:4],
                 "reasons": g.reasons or ["a single channel unit"]}
@@ -89,6 +93,8 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                         f"{r['reasons'][0]}" for r in refused[:8])
         raise PassError(f"prune: nothing in this model can be pruned exactly: {why}")
     stats = {"groups": len(found), "prunable": len(chosen), "refused": refused}
+    if decomposed or whole:
+        stats["attention"] = {"decomposed": decomposed, "kept_whole": whole}
     shown = ctx.options.get("progress")
     batches = None
     if importance == "taylor" and saved is None:
@@ -97,19 +103,14 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     def rank(gs, module):
         return score(gs, module, importance, seed, batches, shown)
 
-    scores = rank(chosen, gm) if saved is None and steps == 1 else None
+    scores = rank(chosen, gm) if saved is None and (steps == 1 or macs is not None) else None
 
     def pick(r: float, s=None):
         return select(chosen, scores if s is None else s, ratio=r, scope=scope,
                       round_to=round_to, max_layer_ratio=max_layer_ratio)
 
-    if saved is not None:
-        removed = replay(chosen, saved)
-    elif steps > 1:
-        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
-        stats |= {"steps": steps, "units_removed_per_step": per_step}
-    elif macs is not None:
-        total = _macs(gm)
+    total = _macs(gm) if macs is not None else None
+    if saved is None and macs is not None:  # the one-shot ratio for the target, found once
 
         def macs_after(r: float) -> int:
             trial = copy_graph_module(gm)  # same node names, so the same groups in order
@@ -118,15 +119,19 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
 
         ratio, kept = search_ratio(macs_after, total, macs)
-        stats |= {"ratio": ratio, "macs_kept": kept, "macs_target": macs}
-        removed = pick(ratio)
+        stats |= {"ratio": ratio, "macs_target": macs, "macs_kept_search": kept}
+    if saved is not None:
+        removed = replay(chosen, saved)
+    elif steps > 1:  # the N-step schedule to that ratio, re-ranking in between
+        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
+        stats |= {"steps": steps, "units_removed_per_step": per_step}
     else:
         removed = pick(ratio)
     if not any(len(r) for r in removed):
-        return PassResult(gm, False, stats | {"plan": []})
+        return PassResult(original, False, stats | {"plan": []})
     copied = time.perf_counter()
     twin = copy_graph_module(gm)  # verification and the report, not counted in ``seconds``
-    layers_before, totals_before = layer_counts(gm), totals(gm)
+    layers_before, totals_before = layer_counts(original), totals(original)  # as given
     widths = _producer_widths(gm, chosen)
     start += time.perf_counter() - copied
     done = shrink(gm, chosen, removed)
@@ -135,8 +140,25 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
     zero_consumers(twin, done, key="attr")
     error = check_twin(gm, twin, tuple(ctx.example_inputs))
     annotate(gm, tuple(ctx.example_inputs))  # shapes after the shrink, for the MACs
+    if macs is not None:  # what the pruned graph keeps (steps= may pick other channels)
+        stats["macs_kept"] = _macs(gm) / total
+        if abs(stats["macs_kept"] - macs) > 0.03:
+            stats["macs_note"] = (
+                f"keeps {stats['macs_kept']:.3f} of the MACs for a target of {macs:.3f}: "
+                f"the {steps} steps re-ranked channels into other layers than the one-shot "
+                "search at that ratio (scope=local keeps the per-layer counts)")
     report = layer_report(layers_before, layer_counts(gm), _kept(widths, done), totals_before,
                           totals(gm))
+    units = sum(g.n_units for g in chosen)
+    report["target"] = {"ratio": None if saved is not None else asked, "macs": macs,
+                        "plan": saved is not None, "ratio_used": ratio if saved is None else None}
+    report["achieved"]["channels_removed"] = round(sum(len(r) for r in removed) / units, 4)
+    report["not_exact"] = [_inexact_entry(g, entry) for g, entry in
+                           zip([g for g, r in zip(chosen, removed, strict=True) if len(r)],
+                               done, strict=True) if not g.exact]
+    inexact_layers = {x for e in report["not_exact"] for x in e["layers"]}
+    for row in report["layers"]:
+        row["exact"] = row["layer"] not in inexact_layers
     stats |= {"plan": done, "twin_error": error, "seconds": seconds, "report": report,
               "units_removed": sum(len(r) for r in removed),
               "units_in_pruned_groups": sum(p["units"] for p in done)}
@@ -148,6 +170,16 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                     "groups only (these are shrunk in the twin too, so they are verified only "
                     "to run with consistent shapes)"}
     return PassResult(gm, True, stats)
+
+
+def _inexact_entry(group, entry: dict) -> dict:
+    """The report's line for a group pruned with ``hidden=True``: its layers and why it is
+    not exact."""
+    order = {"producer": 0, "passthrough": 1, "consumer": 2}
+    members = sorted(entry["members"], key=lambda m: order[m["role"]])
+    layers = list(dict.fromkeys(m["param"].rpartition(".")[0] or m["param"] for m in members))
+    return {"group": entry["group"], "layers": layers, "removed_units": entry["removed_units"],
+            "units": entry["units"], "reason": group.inexact[0]}
 
 
 def _shrink_inexact(twin, chosen, removed, skip) -> list[int]:

@@ -84,7 +84,8 @@ def prune_table(stats: dict[str, Any]) -> str:
     layer   kind  params       MACs               channels
     conv1   conv  432 -> 216   442368 -> 221184   16 -> 8
     total         ...
-    achieved: params 51.2%, MACs 49.8% of the original; 3 of 6 groups pruned
+    achieved: params 51.2%, MACs 49.8% of the original; 50.0% of the prunable channels ...
+    target 50.0% of MACs, achieved 49.8% (searched ratio 0.412)
     """
     report = stats.get("report")
     if not report:
@@ -93,6 +94,8 @@ def prune_table(stats: dict[str, Any]) -> str:
     for r in report["layers"]:
         ch = (f"{r['channels_before']} -> {r['channels_after']}"
               if r["channels_before"] is not None else "")
+        if not r.get("exact", True):
+            ch = f"{ch} (not exact)".lstrip()
         rows.append((r["layer"], r["kind"], f"{r['params_before']} -> {r['params_after']}",
                      f"{r['macs_before']} -> {r['macs_after']}", ch))
     t = report["totals"]
@@ -104,12 +107,42 @@ def prune_table(stats: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     pruned = len(stats.get("plan", []))
-    target = (f"; target {stats['macs_target']:.1%} of MACs at ratio {stats['ratio']:.3f}"
-              if "macs_target" in stats else "")
+    achieved = report.get("achieved", {})
+    removed = (f"; {achieved['channels_removed']:.1%} of the prunable channels removed"
+               if "channels_removed" in achieved else "")
     lines.append(f"achieved: params {_fraction(t['params_after'], t['params_before'])}, "
-                 f"MACs {_fraction(t['macs_after'], t['macs_before'])} of the original; "
-                 f"{pruned} of {stats.get('groups', pruned)} groups pruned{target}")
+                 f"MACs {_fraction(t['macs_after'], t['macs_before'])} of the original"
+                 f"{removed}; {pruned} of {stats.get('groups', pruned)} groups pruned")
+    lines.append(_target_line(stats, report))
+    for e in report.get("not_exact", []):
+        shown = ", ".join(e["layers"][:4]) + (f", ... ({len(e['layers'])} layers)"
+                                              if len(e["layers"]) > 4 else "")
+        lines.append(f"NOT EXACT (hidden=True): group {e['group']} ({shown}), "
+                     f"{e['removed_units']} of {e['units']} channels removed: {e['reason']}; "
+                     "the masked-twin check covers the exact groups only")
+    if stats.get("macs_note"):
+        lines.append(f"note: {stats['macs_note']}")
     return "\n".join(lines)
+
+
+def _target_line(stats: dict[str, Any], report: dict[str, Any]) -> str:
+    """What was asked next to what was achieved: the MAC target, the ratio, or the plan."""
+    target, t = report.get("target", {}), report["totals"]
+    got = _fraction(t["macs_after"], t["macs_before"])
+    if target.get("plan"):
+        return "target: a saved plan, replayed"
+    if stats.get("macs_target") is not None:
+        return (f"target {stats['macs_target']:.1%} of MACs, achieved {got} (searched ratio "
+                f"{stats['ratio']:.3f})")
+    if target.get("ratio") is not None:
+        got = report["achieved"].get("channels_removed")
+        if got is None:
+            return f"target ratio {target['ratio']:.3f}"
+        why = (" (whole units, round_to, max_layer_ratio or scope=global move it)"
+               if abs(got - target["ratio"]) >= 5e-4 else "")
+        return (f"target ratio {target['ratio']:.3f} of the channels of each prunable group, "
+                f"achieved {got:.3f} overall{why}")
+    return "target: -"
 
 
 def plot_kept(stats: dict[str, Any], path: str | os.PathLike) -> Path:

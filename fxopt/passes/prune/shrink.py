@@ -21,7 +21,7 @@ import torch.fx as fx
 from fxopt.errors import PassError
 from fxopt.op_flow import Param, piece_sizes, shape
 from fxopt.ops import _set_path, fetch_attr, op_of
-from fxopt.passes.prune.groups import Group, graph_path, param_key, stored_dim
+from fxopt.passes.prune.groups import Group, param_key, plan_members
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "random", "taylor")
 
@@ -133,15 +133,9 @@ def indices_by_axis(group: Group, units: np.ndarray) -> dict[tuple[str, int], np
 
 def plan_of(group: Group, by_axis: dict, units: np.ndarray, exact: bool = True) -> dict:
     """The JSON-ready plan entry of one group."""
-    members, seen = [], set()
-    for p in group.params:
-        key = (param_key(p), stored_dim(p))
-        if key in seen:
-            continue
-        seen.add(key)
-        idx = by_axis[(p.axis[0].name, p.axis[1])]
-        members.append({"param": key[0], "dim": key[1], "role": p.role,
-                        "indices": [int(i) for i in idx], "attr": graph_path(p)})
+    members = [{"param": m.param, "dim": m.dim, "role": m.role,
+                "indices": [int(i) for i in by_axis[m.axis]], "attr": m.attr}
+               for m in plan_members(group)]
     return {"group": group.id, "units": group.n_units, "removed_units": len(units),
             "removed_unit_ids": [int(u) for u in units], "exact": exact, "members": members}
 
