@@ -161,6 +161,7 @@ def clean(model: ir.Model) -> dict[str, int]:
             ir_passes.ShapeInferencePass(data_prop=True, strict_mode=False)(model)
             onnxscript_rewriter.rewrite(model)  # its default rules: MaterializeReshapeShape…
             onnxscript_rewriter.rewrite(model, RULES)
+            reattach_orphaned_constants(model)
             ir_passes.IdentityEliminationPass()(model)
             if nodes == (nodes := _count_nodes(model)):
                 break
@@ -177,6 +178,41 @@ def clean(model: ir.Model) -> dict[str, int]:
             p(model)
     return {"nodes_before": before, "nodes_after": _count_nodes(model),
             "dynamic_reshapes": dynamic_reshapes(model)}
+
+
+def reattach_orphaned_constants(model: ir.Model) -> int:
+    """Register again, under a fresh name, each constant that a node of the main graph
+    reads but that is neither an initializer, a graph input nor a node's output. Returns
+    how many there were.
+
+    onnxscript's rewriter (0.7) adds a rule's new initializer under its chosen name even
+    when that name is taken, which silently unregisters the old initializer while nodes
+    still read it: the saved graph then reads an undefined value ("Nodes in a graph must be
+    topologically sorted"). ``ReshapeReshape`` names its fused shape ``<output>/shape``, so
+    a chain of three reshapes fused over two rounds of ``clean`` (a pruned Swin window
+    partition with a dynamic batch) collides with itself.
+
+    >>> reattach_orphaned_constants(model)  # doctest: +SKIP
+    1
+    """
+    graph = model.graph
+    inputs = set(graph.inputs)
+    orphans = list(dict.fromkeys(
+        v for node in graph for v in node.inputs
+        if v is not None and v.producer() is None and v.const_value is not None
+        and not v.is_initializer() and v not in inputs))
+    if not orphans:
+        return 0
+    taken = set(graph.initializers) | {v.name for v in inputs}
+    taken |= {v.name for node in graph for v in node.outputs}
+    for value in orphans:
+        base, k = value.name or "constant", 1
+        while f"{base}_{k}" in taken:
+            k += 1
+        value.name = f"{base}_{k}"
+        taken.add(value.name)
+        graph.register_initializer(value)
+    return len(orphans)
 
 
 def dynamic_reshapes(model: ir.Model) -> int:
