@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -19,6 +20,7 @@ import fxopt
 from fxopt import zoo
 from fxopt.errors import FxoptWarning, LoweringError
 from fxopt.lowering import onnx as onnx_backend
+from fxopt.lowering import onnx_export
 from fxopt.verify import compare_outputs
 
 ZOO = [(name, mode) for name in zoo.names() for mode in ("symbolic", "export")
@@ -452,3 +454,59 @@ def test_a_bf16_graph_without_cpu_kernels_names_the_kernel(zoo_case, tmp_path):
         assert not (tmp_path / "new").exists()
     else:
         assert art.manifest["tolerance"]["rtol"] == 0.1
+
+
+class LinearThenTwoViews(nn.Module):
+    """A linear layer read through two views, the second sharing its target with another
+    view: Swin's window partition after a projection, in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):  # (batch, 64, 16)
+        b = x.shape[0]
+        a = self.fc(x).view(b, 8, 8, 16).view(b, 2, 4, 2, 4, 16)
+        return a + (x * 2).view(b, 2, 4, 2, 4, 16)
+
+
+def test_reshape_chains_fused_twice_keep_their_shared_shape(tmp_path, monkeypatch):
+    # onnxscript fuses view(view(linear)) in clean's first round, under the name
+    # "<out>/shape", shared with the other view; Gemm then puts a Reshape before it and the
+    # second round's fusion takes the same name, unregistering the shared one: without
+    # reattach_orphaned_constants onnx.checker refuses ("must be topologically sorted")
+    gm = fx.symbolic_trace(LinearThenTwoViews())
+    x = torch.randn(2, 64, 16)
+    reattached: list[int] = []
+    reattach = onnx_export.reattach_orphaned_constants
+    monkeypatch.setattr(onnx_export, "reattach_orphaned_constants",
+                        lambda m: reattached.append(reattach(m)) or reattached[-1])
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx", exporter="dynamo")
+    assert sum(reattached) >= 1, "the collision this test reproduces no longer happens"
+    assert _input_dims(art.path)[0][0] == "batch"
+    assert len(art.manifest["verified"]) == 2  # example inputs and a grown batch
+    y = torch.randn(5, 64, 16)
+    with torch.no_grad():
+        assert compare_outputs(gm(y), art(y)).ok()
+
+
+def test_reattach_orphaned_constants_names_them_afresh():
+    x = ir.Value(name="x", shape=ir.Shape([2, 6]), type=ir.TensorType(ir.DataType.FLOAT))
+    taken = ir.Value(name="s", const_value=ir.tensor(np.array([3, 4], dtype=np.int64)))
+    orphan = ir.Value(name="s", const_value=ir.tensor(np.array([4, 3], dtype=np.int64)))
+    a = ir.node("Reshape", [x, taken])
+    b = ir.node("Reshape", [x, orphan])
+    for node, shape in ((a, [3, 4]), (b, [4, 3])):
+        node.outputs[0].type, node.outputs[0].shape = x.type, ir.Shape(shape)
+    graph = ir.Graph([x], [a.outputs[0], b.outputs[0]], nodes=[a, b], initializers=[taken],
+                     opset_imports={"": 18}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    assert onnx_export.reattach_orphaned_constants(model) == 1
+    assert orphan.is_initializer() and orphan.name not in ("s", "x")
+    assert graph.initializers["s"] is taken
+    assert onnx_export.reattach_orphaned_constants(model) == 0
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {"x": np.arange(12, dtype=np.float32).reshape(2, 6)})
+    assert [o.shape for o in outs] == [(3, 4), (4, 3)]  # each Reshape reads its own target
