@@ -155,7 +155,7 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
              log_dir: str | None = None, checkpoint_dir: str | None = None,
              checkpoint_every: int | None = None, resume: bool | str = False,
              seed: int = 0, progress: Any = None, loss_fn: Callable | None = None,
-             T: float = 4.0, alpha: float = 0.5,
+             T: float = 4.0, alpha: float = 0.5, output_loss: str = "kl",
              features: Sequence[str] | Mapping[str, str] | None = None,
              feature_weight: float = 1.0, plan: Sequence[Mapping] | None = None,
              callback: Callable[[dict], None] | None = None, keep_checkpoints: int = 2,
@@ -165,7 +165,8 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
     ``data`` / ``val_data``: a Dataset of item tuples (graph inputs, then an optional
     label), an ``(X, Y)`` pair of tensors or a list of tuples (``fxopt.train.data``).
     Loss: cross-entropy with labels (or ``loss_fn(output, label)``); with a ``teacher``
-    also KL distillation at temperature ``T`` mixed by ``alpha``, and MSE on the named
+    also KL distillation at temperature ``T`` mixed by ``alpha`` (``output_loss="cosine"``
+    or ``"mse"`` for outputs that are embeddings, not logits), and MSE on the named
     ``features`` (a list of node / module names, or {student: teacher}) weighted by
     ``feature_weight``, pruned widths matched through the prune ``plan`` (else a learned
     projection). ``batch_size`` is the global batch (split over torchrun processes).
@@ -244,7 +245,7 @@ class _Run:
         adapters = self._adapters(pairs)
         self.loss = DistillLoss(T=args["T"], alpha=args["alpha"], loss_fn=args["loss_fn"],
                                 feature_weight=args["feature_weight"],
-                                adapters=adapters).to(self.device)
+                                adapters=adapters, output_loss=args["output_loss"]).to(self.device)
         self.model = distributed.wrap(self.train_module, self.ctx)
 
         self.loader, self.sampler = distributed.loader(
