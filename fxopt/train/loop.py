@@ -41,6 +41,7 @@ from fxopt.train import checkpoint as ckpt
 from fxopt.train import distributed
 from fxopt.train.data import as_dataset, check_inputs, input_specs, split_batch
 from fxopt.train.losses import (
+    OUTPUT_LOSSES,
     DistillLoss,
     check_teacher_outputs,
     feature_pairs,
@@ -74,7 +75,7 @@ class FinetuneResult:
 
 
 def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every,
-                   budget) -> None:
+                   budget, output_loss="kl") -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise TrainingError(f"epochs must be a positive integer, not {epochs!r}")
     if not isinstance(lr, (int, float)) or not lr > 0:
@@ -95,6 +96,9 @@ def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint
                             f"{checkpoint_every!r}")
     if budget is not None and not isinstance(budget, (int, float)):
         raise TrainingError(f"budget is the metric value to stop at, not {budget!r}")
+    if output_loss not in OUTPUT_LOSSES:
+        raise TrainingError(f"output_loss={output_loss!r}: use 'kl' (logits), 'cosine' or "
+                            "'mse' (embeddings and other non-logit outputs)")
 
 
 def _first_batch(ds, n: int) -> Any:
@@ -185,7 +189,8 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
                              val_data=(Xv, Yv), checkpoint_dir="ckpt", amp="bf16")
         print(out.history[-1])
     """
-    _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every, budget)
+    _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every, budget,
+                   output_loss)
     if not isinstance(gm, nn.Module):
         raise TrainingError(f"finetune trains an fxopt graph (torch.fx.GraphModule), not "
                             f"{type(gm).__name__}")
