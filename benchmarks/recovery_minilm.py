@@ -20,12 +20,14 @@ mean-pooled over the attention mask.
   ``1 - cos`` between the student's and the teacher's embeddings (an encoder's outputs are
   not logits, so KL is the wrong distance), AdamW with cosine decay; the held-out cosine
   (``metric="cosine"``) is measured each epoch and the best epoch's weights are kept.
+  ``--features last|all`` adds token-level feature distillation (MSE) on the output
+  LayerNorm of the last / of every encoder layer (hidden width unpruned: no adapter).
 * Both lowered through ``fxopt.lower(..., "onnx")`` and timed side by side, interleaved,
   in one ONNX Runtime session each (1 intra-op thread, ORT_ENABLE_ALL), batch ``--batch``.
 
 Flags: ``--train`` (384), ``--val`` (128), ``--seq-len`` (48), ``--epochs`` (4), ``--lr``
 (3e-4), ``--batch`` (16), ``--seed`` (0), ``--threads`` (torch intra-op threads, 1),
-``--no-write``.
+``--features`` (none), ``--no-write``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_file import publish  # noqa: E402
 
 DEFAULTS = {"train": 384, "val": 128, "seq_len": 48, "epochs": 4, "lr": 3e-4, "batch": 16,
-            "seed": 0, "threads": 1}
+            "seed": 0, "threads": 1, "features": "none"}
+FEATURES = {"none": [], "last": [5], "all": [0, 1, 2, 3, 4, 5]}
 TARGET = 0.95
 SECTION = "recovery-minilm"
 
@@ -161,10 +164,13 @@ def run(args) -> dict:
     r["cos_captured"] = heldout_cosine(base, val3, args.batch)
     r["cos_before"] = heldout_cosine(res.module, val3, args.batch)
 
+    layers = FEATURES[args.features]
+    features = [f"encoder.encoder.layer.{i}.output.LayerNorm" for i in layers] or None
     start = time.perf_counter()
     out = fxopt.finetune(res.module, train, teacher=teacher, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch, scheduler="cosine", output_loss="cosine",
-                         val_data=val, metric="cosine", seed=args.seed, progress=False)
+                         val_data=val, metric="cosine", seed=args.seed, progress=False,
+                         features=features)
     r["ft_s"] = time.perf_counter() - start
     r["history"] = out.history
     r["best_epoch"] = out.best_epoch
@@ -186,7 +192,8 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for k, d in DEFAULTS.items():
-        parser.add_argument(f"--{k.replace('_', '-')}", type=type(d), default=d)
+        parser.add_argument(f"--{k.replace('_', '-')}", type=type(d), default=d,
+                            **({"choices": list(FEATURES)} if k == "features" else {}))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in DEFAULTS.items()
         if getattr(args, k) != d)
     lat = r["latency"]
+    layers = FEATURES[args.features]
     t, s = lat.stats["teacher"], lat.stats["student"]
     rs = lat.round_speedups["student"]
     hist = ", ".join(f"{h['metric']:.4f}" for h in r["history"])
@@ -225,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         "M; the 11.7 M word embeddings stay). Fine-tuning: `fxopt.finetune(pruned, train, "
         f"teacher=model, output_loss=\"cosine\", epochs={args.epochs}, lr={args.lr:g}, "
         f"batch_size={args.batch}, scheduler=\"cosine\", val_data=held-out, "
-        "metric=\"cosine\")`, best epoch kept.",
+        "metric=\"cosine\"" + (f", features=[output LayerNorm of layers {layers}]"
+                                if layers else "") + ")`, best epoch kept.",
         "",
         "| model | held-out embedding cosine to the teacher |",
         "|---|---:|",
