@@ -260,9 +260,13 @@ def main(argv: list[str] | None = None) -> None:
         f"Speed-up ×{lat.speedups['student']:.2f} (per round {min(rs):.2f}–{max(rs):.2f}).",
     ]
     if not met:
-        lines += ["", "The target was not reached within this budget; more sentences, more "
-                  "epochs or token-level feature distillation (`features=`) on the last "
-                  "hidden state would be the next things to try."]
+        rising = len(r["history"]) > 1 and r["history"][-1]["metric"] > r["history"][-2]["metric"]
+        lines += ["", "The target was not reached within this budget"
+                  + (" (the held-out cosine was still rising at the last epoch)" if rising
+                     else "") + "; more sentences and epochs"
+                  + ("" if layers else ", token-level feature distillation (`--features all`)")
+                  + " or a gentler prune (ratio 0.5 removes half of every layer's heads at "
+                  "once) are the next things to try."]
     publish(SECTION, "\n".join(lines), write=not args.no_write)
 
 
