@@ -34,12 +34,14 @@ def _last_plan(ctx: PassContext) -> list | None:
 def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
              optimizer: str = "adamw", weight_decay: float = 0.0, scheduler: str | None = None,
              amp: str | None = None, metric: str | None = None, budget: float | None = None,
-             T: float = 4.0, alpha: float = 0.5, features: list[str] | None = None,
-             feature_weight: float = 1.0, distill: bool = True, seed: int = 0,
+             T: float = 4.0, alpha: float = 0.5, output_loss: str = "kl",
+             features: list[str] | None = None, feature_weight: float = 1.0,
+             distill: bool = True, seed: int = 0,
              log_dir: str | None = None, checkpoint_dir: str | None = None,
              checkpoint_every: int | None = None, resume: bool = False) -> PassResult:
     """Fine-tune the graph on ``optimize(..., train_data=...)`` (validation on
-    ``val_data=``), distilling from the original model (``distill=false``: labels only);
+    ``val_data=``), distilling from the original model (``distill=false``: labels only;
+    ``output_loss=cosine`` for embedding outputs);
     the arguments are ``fxopt.finetune``'s.
 
     Example::
@@ -63,7 +65,7 @@ def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_s
                     budget=budget, log_dir=log_dir, checkpoint_dir=checkpoint_dir,
                     checkpoint_every=checkpoint_every, resume=resume, seed=seed,
                     progress=ctx.options.get("progress"), T=T, alpha=alpha,
-                    features=features, feature_weight=feature_weight,
+                    output_loss=output_loss, features=features, feature_weight=feature_weight,
                     plan=_last_plan(ctx) if features else None)
     except TrainingError as e:
         raise type(e)(f"finetune: {e}") from e

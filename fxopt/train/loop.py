@@ -41,6 +41,7 @@ from fxopt.train import checkpoint as ckpt
 from fxopt.train import distributed
 from fxopt.train.data import as_dataset, check_inputs, input_specs, split_batch
 from fxopt.train.losses import (
+    OUTPUT_LOSSES,
     DistillLoss,
     check_teacher_outputs,
     feature_pairs,
@@ -74,7 +75,7 @@ class FinetuneResult:
 
 
 def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every,
-                   budget) -> None:
+                   budget, output_loss="kl") -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise TrainingError(f"epochs must be a positive integer, not {epochs!r}")
     if not isinstance(lr, (int, float)) or not lr > 0:
@@ -95,6 +96,9 @@ def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint
                             f"{checkpoint_every!r}")
     if budget is not None and not isinstance(budget, (int, float)):
         raise TrainingError(f"budget is the metric value to stop at, not {budget!r}")
+    if output_loss not in OUTPUT_LOSSES:
+        raise TrainingError(f"output_loss={output_loss!r}: use 'kl' (logits), 'cosine' or "
+                            "'mse' (embeddings and other non-logit outputs)")
 
 
 def _first_batch(ds, n: int) -> Any:
@@ -155,7 +159,7 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
              log_dir: str | None = None, checkpoint_dir: str | None = None,
              checkpoint_every: int | None = None, resume: bool | str = False,
              seed: int = 0, progress: Any = None, loss_fn: Callable | None = None,
-             T: float = 4.0, alpha: float = 0.5,
+             T: float = 4.0, alpha: float = 0.5, output_loss: str = "kl",
              features: Sequence[str] | Mapping[str, str] | None = None,
              feature_weight: float = 1.0, plan: Sequence[Mapping] | None = None,
              callback: Callable[[dict], None] | None = None, keep_checkpoints: int = 2,
@@ -165,7 +169,8 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
     ``data`` / ``val_data``: a Dataset of item tuples (graph inputs, then an optional
     label), an ``(X, Y)`` pair of tensors or a list of tuples (``fxopt.train.data``).
     Loss: cross-entropy with labels (or ``loss_fn(output, label)``); with a ``teacher``
-    also KL distillation at temperature ``T`` mixed by ``alpha``, and MSE on the named
+    also KL distillation at temperature ``T`` mixed by ``alpha`` (``output_loss="cosine"``
+    or ``"mse"`` for outputs that are embeddings, not logits), and MSE on the named
     ``features`` (a list of node / module names, or {student: teacher}) weighted by
     ``feature_weight``, pruned widths matched through the prune ``plan`` (else a learned
     projection). ``batch_size`` is the global batch (split over torchrun processes).
@@ -184,7 +189,8 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
                              val_data=(Xv, Yv), checkpoint_dir="ckpt", amp="bf16")
         print(out.history[-1])
     """
-    _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every, budget)
+    _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every, budget,
+                   output_loss)
     if not isinstance(gm, nn.Module):
         raise TrainingError(f"finetune trains an fxopt graph (torch.fx.GraphModule), not "
                             f"{type(gm).__name__}")
@@ -244,7 +250,7 @@ class _Run:
         adapters = self._adapters(pairs)
         self.loss = DistillLoss(T=args["T"], alpha=args["alpha"], loss_fn=args["loss_fn"],
                                 feature_weight=args["feature_weight"],
-                                adapters=adapters).to(self.device)
+                                adapters=adapters, output_loss=args["output_loss"]).to(self.device)
         self.model = distributed.wrap(self.train_module, self.ctx)
 
         self.loader, self.sampler = distributed.loader(

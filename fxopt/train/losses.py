@@ -4,7 +4,9 @@
   ``loss_fn(output, label)``;
 * logit distillation: ``KL(softmax(t / T) || softmax(s / T)) * T**2`` over the last dim
   (Hinton et al.; the ``T**2`` keeps its gradients on the task loss's scale), mixed as
-  ``alpha * distill + (1 - alpha) * task`` when there are labels;
+  ``alpha * distill + (1 - alpha) * task`` when there are labels; for outputs that are
+  not logits (an encoder's token or sentence embeddings) ``output_loss="cosine"``
+  (``1 - cos`` per row of the last dim) or ``"mse"`` replaces the KL term;
 * feature distillation: mean squared error between named intermediate tensors of the
   student and the teacher. Where pruning narrowed a student feature, the teacher feature
   is sliced to the channels the pruning plan kept; without a plan that says which, a
@@ -67,6 +69,36 @@ def kl_distill(student: torch.Tensor, teacher: torch.Tensor, T: float = 4.0) -> 
     s = F.log_softmax(student.reshape(-1, c).float() / T, dim=-1)
     t = F.log_softmax(teacher.reshape(-1, c).float() / T, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
+
+
+def cosine_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(student, teacher)`` over the last dim, averaged over every row: the
+    distillation loss for embedding outputs, whose direction is what a user compares.
+
+    >>> cosine_distill(torch.ones(2, 3), 2 * torch.ones(2, 3)).item()
+    0.0
+    """
+    c = student.shape[-1]
+    s, t = student.reshape(-1, c).float(), teacher.reshape(-1, c).float()
+    return (1 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)).mean()
+
+
+OUTPUT_LOSSES = ("kl", "cosine", "mse")
+
+
+def output_distill(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+                   T: float = 4.0) -> torch.Tensor:
+    """The distillation term of one output pair: ``kl`` (logits, at temperature ``T``),
+    ``cosine`` or ``mse`` (embeddings and other non-logit outputs).
+
+    >>> output_distill(torch.zeros(1, 2), torch.ones(1, 2), "mse").item()
+    1.0
+    """
+    if kind == "kl":
+        return kl_distill(student, teacher, T)
+    if kind == "cosine":
+        return cosine_distill(student, teacher)
+    return F.mse_loss(student.float(), teacher.float())
 
 
 def check_teacher_outputs(student_out: Any, teacher_out: Any) -> None:
@@ -254,8 +286,13 @@ class DistillLoss(nn.Module):
     """
 
     def __init__(self, *, T: float = 4.0, alpha: float = 0.5, loss_fn: Callable | None = None,
-                 feature_weight: float = 1.0, adapters: Sequence[FeatureAdapter] = ()):
+                 feature_weight: float = 1.0, adapters: Sequence[FeatureAdapter] = (),
+                 output_loss: str = "kl"):
         super().__init__()
+        if output_loss not in OUTPUT_LOSSES:
+            raise TrainingError(f"output_loss={output_loss!r}: use 'kl' (logits), 'cosine' or "
+                                "'mse' (embeddings and other non-logit outputs)")
+        self.output_loss = output_loss
         if not isinstance(T, (int, float)) or T <= 0:
             raise TrainingError(f"T (the distillation temperature) must be > 0, not {T!r}")
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
@@ -273,7 +310,8 @@ class DistillLoss(nn.Module):
         if teacher_out is not None:
             pairs = list(zip(output_leaves(student_out), output_leaves(teacher_out),
                              strict=True))
-            parts["distill"] = sum(kl_distill(s, t.detach(), self.T) for s, t in pairs) \
+            parts["distill"] = sum(output_distill(s, t.detach(), self.output_loss, self.T)
+                                   for s, t in pairs) \
                 / max(len(pairs), 1)
         if not parts:
             raise TrainingError("nothing to learn from: the batches carry no labels and there "
@@ -294,13 +332,16 @@ class DistillLoss(nn.Module):
 
 
 __all__ = [
+    "OUTPUT_LOSSES",
     "DistillLoss",
     "FeatureAdapter",
     "check_teacher_outputs",
+    "cosine_distill",
     "feature_pairs",
     "kept_channels",
     "kl_distill",
     "make_adapter",
+    "output_distill",
     "output_leaves",
     "resolve_node",
     "tap",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from train_helpers import accuracy, cnn, digits, mlp, trained
 
@@ -151,3 +152,22 @@ def test_teacher_whose_outputs_do_not_match_is_refused():
     other = nn.Sequential(nn.Linear(64, 5))
     with pytest.raises(TrainingError, match=r"shape \(2, 10\).*\(2, 5\)"):
         finetune(gm, TRAIN, teacher=other)
+
+
+def test_embedding_output_distilled_with_cosine_loss(tmp_path):
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+    pruned = fxopt.optimize(encoder, (TRAIN[0][:2],), "prune(ratio=0.5)").module
+    x_only, val_x = (TRAIN[0],), (VAL[0],)
+    out = finetune(pruned, x_only, teacher=encoder, epochs=3, lr=3e-3, output_loss="cosine",
+                   val_data=val_x, metric="cosine")
+    # the loss is 1 - cos on the training rows: it falls, and the held-out cosine rises
+    assert out.history[-1]["distill"] < out.history[0]["distill"]
+    with torch.no_grad():
+        before = F.cosine_similarity(pruned(VAL[0]), encoder(VAL[0])).mean().item()
+    assert out.best_metric > before
+    assert out.module.state_dict()["0.weight"].shape == (32, 64)  # still pruned
+    with pytest.raises(TrainingError, match="output_loss='kl2'"):
+        finetune(pruned, x_only, teacher=encoder, output_loss="kl2",
+                 checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()

@@ -15,10 +15,12 @@ from fxopt.train.losses import (
     DistillLoss,
     FeatureAdapter,
     check_teacher_outputs,
+    cosine_distill,
     feature_pairs,
     kept_channels,
     kl_distill,
     make_adapter,
+    output_distill,
     resolve_node,
     tap,
     task_loss,
@@ -171,3 +173,29 @@ def test_feature_pairs():
     assert feature_pairs(None) == []
     assert feature_pairs("a") == [("a", "a")]
     assert feature_pairs({"s": "t"}) == [("s", "t")]
+
+
+def test_cosine_and_mse_output_losses_by_hand():
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    assert cosine_distill(s, t).item() == pytest.approx((1.0 + 0.0) / 2)  # 90 deg, 0 deg
+    assert output_distill(s, t, "mse").item() == pytest.approx((1 + 4 + 1 + 1) / 4)
+    assert output_distill(s, t, "kl", T=2.0).item() == pytest.approx(
+        _kl_by_hand(s.tolist(), t.tolist(), 2.0), rel=1e-5)
+    # (N, S, C) token embeddings: one row per token
+    s3, t3 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    want = (1 - F.cosine_similarity(s3, t3, dim=-1)).mean().item()
+    assert cosine_distill(s3, t3).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_distill_loss_with_cosine_output_loss():
+    s, t, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]]), torch.tensor([1])
+    loss = DistillLoss(alpha=0.5, output_loss="cosine")
+    total, parts = loss(s, t, y)
+    assert parts["distill"] == pytest.approx(1.0)
+    assert total.item() == pytest.approx(0.5 * 1.0 + 0.5 * F.cross_entropy(s, y).item())
+    x = torch.randn(3, 4, requires_grad=True)
+    DistillLoss(output_loss="cosine")(x, torch.randn(3, 4), None)[0].backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(TrainingError, match="output_loss='l2'"):
+        DistillLoss(output_loss="l2")
