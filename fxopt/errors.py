@@ -39,3 +39,14 @@ class InputSpecError(LoweringError):
 
 class ArtifactVersionError(LoweringError):
     """An artifact was written by an fxopt / torch / format version this one cannot load."""
+
+
+class BudgetError(FxoptError):
+    """``fxopt tune`` found no candidate within the accuracy budget. ``best`` names the
+    closest candidate, ``misses`` says by how much it missed per measure, ``values`` what
+    it reached."""
+
+    def __init__(self, message: str, *, best: str | None = None,
+                 misses: dict | None = None, values: dict | None = None):
+        super().__init__(message)
+        self.best, self.misses, self.values = best, dict(misses or {}), dict(values or {})
