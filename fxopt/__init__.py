@@ -14,6 +14,7 @@ from fxopt import ops, prune, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
     ArtifactVersionError,
+    BudgetError,
     CaptureError,
     FxoptError,
     InputSpecError,
@@ -28,6 +29,7 @@ from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
+from fxopt.tune import TuneResult, tune  # fxopt.tune(...) is the function (module: fxopt/tune/)
 from fxopt.verify import Tolerance
 
 
@@ -100,6 +102,7 @@ def check_trt(model, trt_version: int = 10, dim_bounds=None):
 __all__ = [
     "PIPELINES",
     "ArtifactVersionError",
+    "BudgetError",
     "CaptureError",
     "FxoptError",
     "InputSpecError",
@@ -115,6 +118,7 @@ __all__ = [
     "Semantics",
     "SpecError",
     "Tolerance",
+    "TuneResult",
     "calibrate",
     "capture",
     "check_trt",
@@ -128,4 +132,5 @@ __all__ = [
     "optimize",
     "parse_pipeline",
     "register_pass",
+    "tune",
 ]

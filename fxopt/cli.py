@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxopt.cli_tune import add_parser as add_tune_parser
 from fxopt.errors import FxoptError, SpecError
 from fxopt.passes.prune.report import plot_kept, prune_table
 from fxopt.passes.sparsify import sparsity_table
@@ -417,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="demo-out",
                    help="folder for the artifacts (default demo-out)")
     p.set_defaults(fn=cmd_demo)
+    add_tune_parser(sub)
     return parser
 
 
