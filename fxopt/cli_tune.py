@@ -80,7 +80,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ("precisions", _split(args.precisions, "--precisions", PRECISIONS[1:])),
     ) if v is not None}
     space = Space(**space_args, prune=0.0 if args.no_prune else args.max_prune,
-                  threads=threads)
+                  threads=threads, plain=not args.no_plain)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise SpecError(f"-o {args.output}: exists and is not a folder")
@@ -122,6 +122,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-prune", type=float, default=0.5,
                    help="largest pruning ratio to try (default 0.5; bisected below it)")
     p.add_argument("--no-prune", action="store_true", help="do not try pruning")
+    p.add_argument("--no-plain", action="store_true",
+                   help="do not try ONNX Runtime on the plain torch.onnx.export")
     p.add_argument("--threads", help="thread counts to time, e.g. 1,2 (default: current)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--cache", help="folder for built candidates (default DIR/.tune-cache)")

@@ -68,13 +68,18 @@ def recipe_text(candidate: Any, *, calibration: dict[str, Any],
     """The TOML recipe for a ``fxopt.bench.candidates.Candidate`` (see the module
     docstring); ``calibration``: ``{"source": "random", "count": n, "seed": s}`` or
     ``{"source": "given", "count": n}``; ``tune``: measured figures to keep beside it."""
-    if candidate.baseline is not None or candidate.runtime not in ("eager", "onnx"):
-        raise SpecError(f"candidate {candidate.name!r} is not an fxopt artifact; a recipe "
-                        "rebuilds eager or onnx artifacts from an fxopt pipeline")
+    if candidate.runtime not in ("eager", "onnx") or candidate.baseline not in (
+            None, "plain-export"):
+        raise SpecError(f"candidate {candidate.name!r}: a recipe rebuilds eager or onnx "
+                        "artifacts from an fxopt pipeline (or the plain ONNX export)")
     lines = ["# fxopt tune recipe: rebuild with fxopt.tune.rebuild(recipe, model, inputs)",
-             f"# candidate {candidate.name}",
-             f"pipeline = {_value(candidate.pipeline)}", "", "[lower]",
-             f"runtime = {_value(candidate.runtime)}"]
+             f"# candidate {candidate.name}"]
+    if candidate.pipeline is not None:
+        lines.append(f"pipeline = {_value(candidate.pipeline)}")
+    lines += ["", "[lower]", f"runtime = {_value(candidate.runtime)}"]
+    if candidate.baseline is not None:
+        lines += ["# no fxopt pass: torch.onnx.export of the model as given",
+                  f"baseline = {_value(candidate.baseline)}"]
     lines += [f"{_key(k)} = {_value(v)}" for k, v in candidate.options if v is not None]
     lines += ["", "[calibration]"]
     lines += [f"{_key(k)} = {_value(v)}" for k, v in calibration.items() if v is not None]
@@ -90,9 +95,11 @@ def read_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
     from fxopt.bench.candidates import Candidate
     from fxopt.pipeline import load_recipe, parse_pipeline
 
+    path = None
     if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe):
         path = Path(recipe)
-        load_recipe(path)  # the same checks as fxopt optimize --pipeline recipe.toml
+        if not path.is_file():
+            raise SpecError(f"recipe file {os.fspath(path)!r} does not exist")
         text = path.read_text()
     else:
         text = recipe
@@ -100,15 +107,24 @@ def read_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"the recipe is not valid TOML: {e}") from e
-    if "pipeline" not in data or "lower" not in data:
-        raise SpecError("a tune recipe needs 'pipeline' and a [lower] table (runtime = ...)")
-    parse_pipeline(data["pipeline"])
-    lower = dict(data["lower"])
+    lower = dict(data.get("lower", {}))
+    baseline = lower.pop("baseline", None)
+    if "lower" not in data or ("pipeline" not in data) == (baseline is None):
+        raise SpecError("a tune recipe needs a [lower] table (runtime = ...) and either "
+                        "'pipeline' or [lower] baseline = 'plain-export'")
+    if baseline not in (None, "plain-export"):
+        raise SpecError(f"recipe [lower] baseline must be 'plain-export', not {baseline!r}")
+    if "pipeline" in data:
+        parse_pipeline(data["pipeline"])
+        if path is not None:
+            load_recipe(path)  # the same checks as fxopt optimize --pipeline recipe.toml
     runtime = lower.pop("runtime", None)
-    if runtime not in ("eager", "onnx"):
-        raise SpecError(f"recipe [lower] runtime must be 'eager' or 'onnx', not {runtime!r}")
+    if runtime not in ("eager", "onnx") or (baseline and runtime != "onnx"):
+        raise SpecError(f"recipe [lower] runtime must be 'eager' or 'onnx' ('onnx' for a "
+                        f"baseline), not {runtime!r}")
     name = data.get("tune", {}).get("candidate", f"recipe-{runtime}")
-    cand = Candidate(name, runtime, data["pipeline"], None, tuple(sorted(lower.items())))
+    cand = Candidate(name, runtime, data.get("pipeline"), baseline,
+                     tuple(sorted(lower.items())))
     calibration = dict(data.get("calibration", {"source": "random"}))
     if calibration.get("source") not in ("random", "given"):
         raise SpecError("recipe [calibration] source must be 'random' or 'given', not "

@@ -284,6 +284,8 @@ class Search:
 
     def _prune(self, base: Config) -> None:
         """Bisect the largest pruning ratio on top of ``base`` that stays within budget."""
+        if base.baseline is not None:  # the plain export runs no pass: prune fxopt's fp32
+            base = base.with_(baseline=None)
         lo, hi = 0.0, self.space.prune
         first = self.try_config(base.with_(prune=hi), "prune")
         if first.status == "failed" and "nothing in this model can be pruned" in (first.error

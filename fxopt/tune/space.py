@@ -41,7 +41,9 @@ class Space:
     below it; ``max_float_layers``: how many of the most sensitive layers static int8 may
     return to float; ``threads``: intra-op thread counts to time (``None``: the current
     torch setting); ``min_linear_share``: dynamic int8 is tried only when linear layers
-    hold at least this share of the MACs.
+    hold at least this share of the MACs; ``plain``: also try ONNX Runtime on the plain
+    ``torch.onnx.export`` of the model as given (no fxopt pass: where nothing fxopt does
+    pays, that is the honest answer).
 
     Example::
 
@@ -56,6 +58,7 @@ class Space:
     max_float_layers: int = 8
     threads: tuple[int | None, ...] = (None,)
     min_linear_share: float = 0.2
+    plain: bool = True
 
     def __post_init__(self) -> None:
         for name, values, known in (("runtimes", self.runtimes, RUNTIMES),
@@ -94,8 +97,11 @@ class Config:
     prune: float = 0.0
     threads: int | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())  # quantize pass options
+    baseline: str | None = None  # "plain-export": the model as given, exported plainly
 
-    def pipeline(self) -> str:
+    def pipeline(self) -> str | None:
+        if self.baseline is not None:
+            return None
         stages = []
         if self.prune > 0:
             stages.append(f"prune(ratio={self.prune:g})")
@@ -115,6 +121,8 @@ class Config:
 
     @property
     def name(self) -> str:
+        if self.baseline is not None:
+            return f"{self.runtime}-plain" + (f"@{self.threads}t" if self.threads else "")
         label = self.quant if self.quant != "none" else self.precision
         if self.quant != "none" and self.precision != "fp32":
             label += f"-{self.precision}"
@@ -134,11 +142,13 @@ class Config:
 
         options = (("threads", self.threads),) if self.threads is not None else ()
         return Candidate(name=self.name, runtime=self.runtime, pipeline=self.pipeline(),
-                         baseline=None, options=options)
+                         baseline=self.baseline, options=options)
 
     def simplicity(self) -> int:
         """Passes beyond the default pipeline (fewer is simpler; ties go to the simpler)."""
-        return (self.prune > 0) + (self.quant != "none") + (self.precision != "fp32") \
+        if self.baseline is not None:
+            return 0  # no pass at all
+        return 1 + (self.prune > 0) + (self.quant != "none") + (self.precision != "fp32") \
             + len(self.float_layers) / 100 + (self.runtime == "onnx") / 1000
 
     def with_(self, **changes: Any) -> Config:
@@ -170,6 +180,8 @@ def initial_configs(share: float, space: Space) -> tuple[list[Config], list[tupl
     ``share``: ``linear_mac_share`` of the captured model."""
     configs: list[Config] = []
     skipped: list[tuple[str, str]] = []
+    if space.plain and "onnx" in space.runtimes:
+        configs.append(Config("onnx", baseline="plain-export"))
     for runtime in space.runtimes:
         configs.append(Config(runtime))
         for precision in space.precisions:

@@ -17,4 +17,4 @@ def mlp():
 @pytest.fixture
 def small_space():
     return Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                 max_float_layers=0)
+                 max_float_layers=0, plain=False)

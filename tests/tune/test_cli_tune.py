@@ -22,7 +22,7 @@ def test_tune_writes_artifact_recipe_and_report(capsys, tmp_path):
     assert "winner" in stdout and "candidate" in stdout
     report = json.loads((out / "report.json").read_text())
     winner = report["settings"]["winner"]
-    assert winner in ("onnx-fp32", "onnx-int8")
+    assert winner in ("onnx-plain", "onnx-fp32", "onnx-int8")
     art = fxopt.load(out / "model.onnx")
     model, inputs = fxopt.zoo.load("mlp")
     rebuilt = fxopt.tune.rebuild(out / "recipe.toml", model, inputs, path=tmp_path / "again")
@@ -33,7 +33,7 @@ def test_tune_writes_artifact_recipe_and_report(capsys, tmp_path):
                  "onnx", "--quant", "int8", "--precisions", "none", "--no-prune",
                  "--rounds", "1"])
     stdout, _ = capsys.readouterr()
-    assert code == 0 and stdout.count("(cached)") == 2
+    assert code == 0 and stdout.count("(cached)") == 3
 
 
 @pytest.mark.parametrize("argv, match", [

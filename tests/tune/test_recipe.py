@@ -12,27 +12,34 @@ from fxopt.pipeline import load_recipe
 from fxopt.tune import Space
 from fxopt.tune.recipe import read_recipe
 
+ONNX_ONLY = dict(runtimes=("onnx",), precisions=(), prune=0.0, max_float_layers=0)
 
-@pytest.mark.parametrize("space", [
-    Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0, max_float_layers=0),
-    Space(runtimes=("eager",), quant=(), precisions=(), prune=0.0),
-], ids=["onnx-int8", "eager-fp32"])
-def test_recipe_round_trip_gives_identical_outputs(mlp, space, tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("space, winner", [
+    (Space(**ONNX_ONLY, quant=("int8",), plain=False), "onnx-int8"),
+    (Space(**ONNX_ONLY, quant=()), "onnx-plain"),
+    (Space(runtimes=("eager",), quant=(), precisions=(), prune=0.0), "eager-fp32"),
+], ids=["onnx-int8", "onnx-plain", "eager-fp32"])
+def test_recipe_round_trip_gives_identical_outputs(mlp, space, winner, tmp_path, monkeypatch):
     model, inputs = mlp
-    if "int8" in space.quant:  # int8 must win for this case: fake only the clock
+    if winner != "eager-fp32":  # make the wanted candidate win: fake only the clock
         from fake_clock import fake_interleave  # tests/tune/fake_clock.py
 
-        fake_interleave(monkeypatch, {"onnx-int8": 1.0, "onnx-fp32": 2.0},
-                         {"onnx-int8": [1.0] * 5, "onnx-fp32": [2.0] * 5})
+        other = "onnx-fp32"
+        fake_interleave(monkeypatch, {winner: 1.0, other: 2.0},
+                        {winner: [1.0] * 5, other: [2.0] * 5})
     res = fxopt.tune(model, inputs, "cosine>=0.99", space=space, rounds=1, warmup=1)
-    assert res.winner == ("onnx-int8" if "int8" in space.quant else "eager-fp32")
+    assert res.winner == winner
     assert callable(res.best) and res.best.kind in ("onnx", "eager")
     saved = res.save(tmp_path / "tuned")
     recipe = saved / "recipe.toml"
     assert recipe.read_text() == res.recipe
     assert (saved / "report.txt").read_text().startswith("candidate")
-    assert [p.spec for p in load_recipe(recipe)] == [
-        p.spec for p in fxopt.parse_pipeline(res.table.row(res.winner)["pipeline"])]
+    if winner == "onnx-plain":
+        assert 'baseline = "plain-export"' in res.recipe and "pipeline" not in res.recipe
+    else:  # fxopt optimize --pipeline recipe.toml replays the same passes
+        assert [p.spec for p in load_recipe(recipe)] == [
+            p.spec for p in fxopt.parse_pipeline(res.table.row(res.winner)["pipeline"])]
     for source in (recipe, res.recipe):  # a path or the text itself
         rebuilt = fxopt.tune.rebuild(source, model, inputs, path=tmp_path / "rebuilt")
         x = torch.randn(3, 64)
@@ -44,7 +51,7 @@ def test_recipe_round_trip_gives_identical_outputs(mlp, space, tmp_path, monkeyp
 
 def test_recipe_records_the_calibration(mlp):
     model, inputs = mlp
-    space = Space(runtimes=("onnx",), quant=(), precisions=(), prune=0.0)
+    space = Space(runtimes=("onnx",), quant=(), precisions=(), prune=0.0, plain=False)
     res = fxopt.tune(model, inputs, "cosine>=0.99", space=space, rounds=1, warmup=1)
     spec = read_recipe(res.recipe)
     assert spec["calibration"] == {"source": "random", "count": 8, "seed": 4242}
@@ -56,7 +63,7 @@ def test_given_calibration_must_be_passed_again(mlp, tmp_path):
     model, inputs = mlp
     calib = [(torch.randn(4, 64),) for _ in range(3)]
     space = Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                  max_float_layers=0)
+                  max_float_layers=0, plain=False)
     res = fxopt.tune(model, inputs, "cosine>=0.99", space=space, rounds=1, warmup=1,
                      calibration=calib)
     assert read_recipe(res.recipe)["calibration"] == {"source": "given", "count": 3}

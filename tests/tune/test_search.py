@@ -76,7 +76,7 @@ def test_over_budget_is_rejected_before_any_timing(mlp, small_space, monkeypatch
 def test_float_fallback_keeps_the_most_sensitive_layers(mlp, monkeypatch, tmp_path):
     model, inputs = mlp
     space = Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                  max_float_layers=3)
+                  max_float_layers=3, plain=False)
     # all int8 reaches ~0.99985 here, three layers float ~0.99991
     res = fxopt.tune(model, inputs, "cosine>=0.9999", space=space, rounds=1, warmup=1,
                      cache=tmp_path)
@@ -99,7 +99,8 @@ def test_float_fallback_keeps_the_most_sensitive_layers(mlp, monkeypatch, tmp_pa
 
 def test_prune_ratio_is_bisected_against_the_budget(mlp, tmp_path):
     model, inputs = mlp
-    space = Space(runtimes=("onnx",), quant=(), precisions=(), prune=0.5, prune_steps=2)
+    space = Space(runtimes=("onnx",), quant=(), precisions=(), prune=0.5, prune_steps=2,
+                  plain=False)
     # pruning this random MLP without fine-tuning: cosine ~0.44 at 0.5, ~0.70 at 0.25,
     # ~0.86 at 0.125
     res = fxopt.tune(model, inputs, "cosine>=0.8", space=space, rounds=1, warmup=1,
@@ -116,7 +117,7 @@ def test_prune_ratio_is_bisected_against_the_budget(mlp, tmp_path):
 def test_winner_is_remeasured_and_a_tie_goes_to_the_simpler(mlp, tmp_path, monkeypatch):
     model, inputs = mlp
     space = Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                  max_float_layers=0)
+                  max_float_layers=0, plain=False)
     calls = _fake_interleave(
         monkeypatch, {"onnx-int8": 1.00, "onnx-fp32": 1.01},
         {"onnx-int8": [1.00, 1.02, 1.00, 1.01, 0.99], "onnx-fp32": [1.01, 1.00, 1.02, 0.99, 1.0]})
@@ -131,7 +132,7 @@ def test_winner_is_remeasured_and_a_tie_goes_to_the_simpler(mlp, tmp_path, monke
 def test_remeasure_can_overturn_the_first_ranking(mlp, tmp_path, monkeypatch):
     model, inputs = mlp
     space = Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                  max_float_layers=0)
+                  max_float_layers=0, plain=False)
     _fake_interleave(monkeypatch, {"onnx-int8": 1.00, "onnx-fp32": 1.01},
                      {"onnx-int8": [2.0, 2.1, 2.0, 2.05, 2.0],
                       "onnx-fp32": [1.0, 1.01, 1.0, 1.02, 1.0]})
@@ -144,7 +145,7 @@ def test_remeasure_can_overturn_the_first_ranking(mlp, tmp_path, monkeypatch):
 def test_impossible_budget_names_the_closest_and_the_gap(mlp, tmp_path):
     model, inputs = mlp
     space = Space(runtimes=("onnx",), quant=("int8",), precisions=(), prune=0.0,
-                  max_float_layers=1)
+                  max_float_layers=1, plain=False)
     with pytest.raises(BudgetError) as info:
         fxopt.tune(model, inputs, "max_rel<=0", space=space, rounds=1, cache=tmp_path)
     e = info.value
