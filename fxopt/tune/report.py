@@ -25,7 +25,7 @@ def _row(t: Any) -> dict[str, Any]:
             "status": t.status, "stage": t.stage, "cosine": t.values.get("cosine"),
             "max_rel": t.values.get("max_rel"), "metric": t.values.get("metric"),
             "drop": t.values.get("drop"), "misses": t.check.misses if t.check else {},
-            "median_ms": t.median_ms, "speedup": t.speedup, "build_s": t.build_s,
+            "median_ms": t.median_ms, "screen_ms": t.screen_ms, "speedup": t.speedup, "build_s": t.build_s,
             "size_bytes": t.size_bytes, "cached": t.cached, "error": t.error,
             "key": t.candidate.key(), "verdict": t.verdict}
 

@@ -40,6 +40,7 @@ from fxopt.tune.space import Config, Space, initial_configs, linear_mac_share
 from fxopt.verify import random_like_inputs
 
 ACCURACY_SEED = 9000
+SCREEN_CUT = 2.0  # screened this many times slower than the fastest: left out of the final run
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Trial:
     cached: bool = False
     fn: Callable[..., Any] | None = field(default=None, repr=False)
     median_ms: float | None = None
+    screen_ms: float | None = None
     speedup: float | None = None
     verdict: str = ""  # winner, or why it lost
     stage: str = ""
@@ -210,9 +212,10 @@ class Search:
                 elif config.quant == "dynamic":
                     self._dynamic_fallback(config)
             accepted = self._accepted()
-            if accepted and self.space.prune > 0:
+            if len(accepted) > 2 or (accepted and self.space.prune > 0):
                 fastest = self._screen(accepted)
-                self._prune(fastest.config)
+                if self.space.prune > 0:
+                    self._prune(fastest.config)
             accepted = self._accepted()
         self._bar = None
         if not accepted:
@@ -278,9 +281,17 @@ class Search:
         """The fastest accepted trial in a short interleaved run (pruning builds on it)."""
         self.say(f"screening {len(accepted)} accepted candidates")
         cmp = interleave([_as_built(t) for t in accepted], self.inputs,
-                         rounds=max(2, self.rounds // 2), warmup=self.warmup,
+                         rounds=max(2, self.rounds // 2), warmup=min(self.warmup, 2),
                          threads=self.threads)
-        return min(accepted, key=lambda t: cmp.stats[t.name].median)
+        for t in accepted:
+            t.screen_ms = cmp.stats[t.name].median_ms
+        fastest = min(accepted, key=lambda t: t.screen_ms)
+        for t in accepted:  # far behind already: not worth the final run's time
+            if t.screen_ms > SCREEN_CUT * fastest.screen_ms:
+                t.verdict = (f"too slow in screening: {t.screen_ms:.3f} ms, "
+                             f"{t.screen_ms / fastest.screen_ms:.2f}x {fastest.name}'s time")
+                t.median_ms = None
+        return fastest
 
     def _prune(self, base: Config) -> None:
         """Bisect the largest pruning ratio on top of ``base`` that stays within budget."""
