@@ -25,7 +25,8 @@ def _row(t: Any) -> dict[str, Any]:
             "status": t.status, "stage": t.stage, "cosine": t.values.get("cosine"),
             "max_rel": t.values.get("max_rel"), "metric": t.values.get("metric"),
             "drop": t.values.get("drop"), "misses": t.check.misses if t.check else {},
-            "median_ms": t.median_ms, "screen_ms": t.screen_ms, "speedup": t.speedup, "build_s": t.build_s,
+            "median_ms": t.median_ms, "screen_ms": t.screen_ms, "speedup": t.speedup,
+            "build_s": t.build_s,
             "size_bytes": t.size_bytes, "cached": t.cached, "error": t.error,
             "key": t.candidate.key(), "verdict": t.verdict}
 
@@ -40,6 +41,9 @@ def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneRe
     if not keep:
         dest = Path(tempfile.mkdtemp(prefix="fxopt-tuned-")) / path.name
         (shutil.copy2 if path.is_file() else shutil.copytree)(path, dest)
+        data = Path(f"{path}.data")  # torch.onnx.export's external weights, named in the file
+        if data.is_file():
+            shutil.copy2(data, Path(f"{dest}.data"))
         path = dest
     threads_opt = winner.candidate.option("threads", threads)
     best = (fxopt.load(path, threads=threads_opt) if winner.candidate.runtime == "onnx"
