@@ -8,7 +8,8 @@ Per model, in a fresh process each:
 1. ``fxopt.tune(model, inputs, budget="cosine>=0.99", threads=T)`` with the default search
    space (eager / ONNX Runtime x fp32 / fp16 / bf16 x static int8 per channel / per tensor /
    dynamic int8, float fallbacks from the sensitivity ranking, pruning bisected up to 0.5;
-   MiniLM: ``--minilm-space``), calibration on the default random batches. Its wall time,
+   MiniLM: ONNX Runtime and eager x dynamic / static int8 x bf16, no pruning, judged on
+   real sentences instead of random token ids), calibration on the default random batches. Its wall time,
    the number of candidates it built and the winner's pipeline are reported.
 2. A fresh side-by-side run: the winner rebuilt from its recipe's candidate
    (``fxopt.bench.build``, the same pipeline, runtime and calibration) next to every cell
@@ -66,17 +67,19 @@ class _LastHidden(torch.nn.Module):
 
 
 def load(name: str):
-    """(model, inputs, held-out batches, space, what the agreement is on)."""
+    """(model, inputs, held-out batches, space, what the agreement is on, the batches the
+    tuner judges agreement on besides the example: None for its own random ones)."""
     if name != "minilm":
         model, inputs = zoo.load(name)
         held = [random_like_inputs(inputs, seed=s) for s in (501, 502, 503, 504)]
-        return model.eval(), inputs, held, None, "random inputs like the example"
+        return model.eval(), inputs, held, None, "random inputs like the example", None
     import quant_dynamic  # benchmarks/quant_dynamic.py: the tokenized sentences
 
     case = quant_dynamic.load_case("minilm")
     space = Space(quant=("dynamic", "int8"), precisions=("bf16",), prune=0.0)
     return (_LastHidden(case.model).eval(), case.inputs, case.eval_batches[1:], space,
-            "real English sentences (padded to 64 tokens)")
+            "real English sentences (padded to 64 tokens)",
+            [(b, None) for b in case.select_batches])
 
 
 def _first(out):
@@ -92,12 +95,13 @@ def held_out(fn, model, batches) -> tuple[float, float]:
 
 def measure_model(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model, inputs, held, space, held_what = load(name)
+    model, inputs, held, space, held_what, judge = load(name)
     if args.quick:
         space = Space(runtimes=("onnx",), quant=("int8", "dynamic"), precisions=(), prune=0.0)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
         res = fxopt.tune(model, inputs, BUDGET, space=space, cache=Path(tmp) / "cache",
+                         val_data=judge,
                          rounds=args.rounds // 2 or 1, threads=args.threads,
                          say=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
         tune_s = time.perf_counter() - started
