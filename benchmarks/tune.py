@@ -9,8 +9,9 @@ Per model, in a fresh process each:
    space (eager / ONNX Runtime x fp32 / fp16 / bf16 x static int8 per channel / per tensor /
    dynamic int8, float fallbacks from the sensitivity ranking, pruning bisected up to 0.5;
    MiniLM: ONNX Runtime and eager x dynamic / static int8 x bf16, no pruning, judged on
-   real sentences instead of random token ids), calibration on the default random batches. Its wall time,
-   the number of candidates it built and the winner's pipeline are reported.
+   real sentences instead of random token ids), calibration on the default random
+   batches. Its wall time, the number of candidates it built and the winner's pipeline
+   are reported.
 2. A fresh side-by-side run: the winner rebuilt from its recipe's candidate
    (``fxopt.bench.build``, the same pipeline, runtime and calibration) next to every cell
    of ``fxopt bench``'s default table (PyTorch eager, fxopt eager, ONNX Runtime on the
@@ -18,8 +19,9 @@ Per model, in a fresh process each:
    ONNX Runtime's own ``quantize_static`` / ``quantize_dynamic`` of the plain export), all
    with ``T`` intra-op threads, timed with ``fxopt.bench.compare.interleave`` (``--rounds``
    interleaved rounds in alternating order, median per call).
-3. Agreement on held-out inputs none of the above saw (fresh random inputs like the
-   example; MiniLM: real sentences): cosine of each file's output with the PyTorch model's,
+3. Agreement on held-out inputs none of the above saw (random batches drawn like the
+   calibration batches, ``fxopt.bench.candidates.calibration_batches``, from another seed;
+   MiniLM: real sentences): cosine of each file's output with the PyTorch model's,
    mean / worst over the batches.
 
 Flags: ``--models a,b`` (default resnet50,mobilenet,transformer,gqa,minilm), ``--threads T``
@@ -44,11 +46,11 @@ from results_file import publish  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt import zoo  # noqa: E402
-from fxopt.bench.candidates import build, default_candidates  # noqa: E402
+from fxopt.bench.candidates import build, calibration_batches, default_candidates  # noqa: E402
 from fxopt.bench.compare import interleave  # noqa: E402
 from fxopt.tune import Space  # noqa: E402
 from fxopt.tune.recipe import read_recipe  # noqa: E402
-from fxopt.verify import cosine, random_like_inputs  # noqa: E402
+from fxopt.verify import cosine  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet", "transformer", "gqa", "minilm")
 MARK = "TUNE_ROW "
@@ -71,8 +73,9 @@ def load(name: str):
     tuner judges agreement on besides the example: None for its own random ones)."""
     if name != "minilm":
         model, inputs = zoo.load(name)
-        held = [random_like_inputs(inputs, seed=s) for s in (501, 502, 503, 504)]
-        return model.eval(), inputs, held, None, "random inputs like the example", None
+        held = calibration_batches(inputs, 4, seed=501)
+        return (model.eval(), inputs, held, None,
+                "random inputs drawn like the calibration batches, another seed", None)
     import quant_dynamic  # benchmarks/quant_dynamic.py: the tokenized sentences
 
     case = quant_dynamic.load_case("minilm")
@@ -160,8 +163,9 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         f"before, {bs.load_average():.2f} after; {seconds:.0f} s in all (each model in a "
         "fresh process).", "",
         f"Budget `{BUDGET}`. *tuned*: `fxopt.tune`'s winner (judged on the example inputs and "
-        "held-out random inputs like them), rebuilt from its recipe and timed side by side "
-        f"with every cell of `fxopt bench`'s default table, {args.rounds} interleaved rounds, "
+        "two more batches drawn like the calibration batches), rebuilt from its recipe and "
+        "timed side by side with every cell of `fxopt bench`'s default table, "
+        f"{args.rounds} interleaved rounds, "
         f"{args.threads} intra-op threads, median per call. Ratios are time ratios *peer / "
         "tuned* (> 1: the tuned artifact is faster), with the per-round min–max. *plain*: ONNX "
         "Runtime on the plain `torch.onnx.export`; *ort-static* / *ort-dynamic*: ONNX "

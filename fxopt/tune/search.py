@@ -37,7 +37,6 @@ from fxopt.progress import Mode, bar
 from fxopt.tune.budget import Budget, BudgetCheck
 from fxopt.tune.cache import Cache
 from fxopt.tune.space import Config, Space, initial_configs, linear_mac_share
-from fxopt.verify import random_like_inputs
 
 ACCURACY_SEED = 9000
 SCREEN_CUT = 2.0  # screened this many times slower than the fastest: left out of the final run
@@ -108,8 +107,9 @@ class Search:
         if self.val:
             self.batches += [b[0] for b in self.val[:4]]
         else:
-            self.batches += [random_like_inputs(self.inputs, seed=ACCURACY_SEED + i)
-                             for i in range(accuracy_batches - 1)]
+            # held out, drawn like the default calibration batches (another seed)
+            self.batches += calibration_batches(self.inputs, accuracy_batches - 1,
+                                                seed=ACCURACY_SEED)
         with torch.inference_mode():
             self.reference = [self.model(*b) for b in self.batches]
             self.ref_metric = (evaluate(self.model, self.val, budget.metric)
