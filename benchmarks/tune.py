@@ -32,6 +32,7 @@ test, numbers meaningless), ``--no-write``, ``--in-process``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -103,7 +104,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         space = Space(runtimes=("onnx",), quant=("int8", "dynamic"), precisions=(), prune=0.0)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
-        res = fxopt.tune(model, inputs, BUDGET, space=space, cache=Path(tmp) / "cache",
+        cache = Path(args.cache) / name if args.cache else Path(tmp) / "cache"
+        res = fxopt.tune(model, inputs, BUDGET, space=space, cache=cache,
                          val_data=judge,
                          rounds=args.rounds // 2 or 1, threads=args.threads,
                          say=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
@@ -130,13 +132,14 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
             rows[b.candidate.name] = row
     return {"model": name, "input": " ".join("x".join(map(str, x.shape)) for x in inputs
                                              if isinstance(x, torch.Tensor)),
-            "threads": args.threads, "winner": res.winner,
+            "threads": args.threads, "rounds": args.rounds, "winner": res.winner,
             "pipeline": res.table.row(res.winner)["pipeline"],
             "runtime": cand.runtime, "tune_s": tune_s,
             "built": sum(1 for r in res.table.rows if r["status"] != "skipped"),
             "cached": sum(1 for r in res.table.rows if r.get("cached")),
             "tune_cos": res.table.row(res.winner)["cosine"], "rows": rows,
-            "held_what": held_what, "table": str(res.table)}
+            "held_what": held_what, "table": str(res.table),
+            "wall_s": time.perf_counter() - started}
 
 
 def _ratio(rows: dict, a: str, b: str) -> tuple[float, float, float] | None:
@@ -239,6 +242,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cache", help="keep each model's tune cache and result row here: "
+                        "a rerun resumes the search, and --from-cache reports stored rows")
+    parser.add_argument("--from-cache", action="store_true",
+                        help="measure nothing: write the section from the rows in --cache")
     bs.add_run_flags(parser)
     args = parser.parse_args()
     default = ("mobilenet", "transformer") if args.quick else MODELS
@@ -251,12 +258,23 @@ def main() -> None:
     load_before, started = bs.load_average(), time.perf_counter()
     flags = ["--threads", str(args.threads), "--rounds", str(args.rounds)]
     flags += ["--quick"] if args.quick else []
+    flags += ["--cache", args.cache] if args.cache else []
     results = []
     for n in names:
+        stored = Path(args.cache or ".") / f"{n}.row.json"
+        if args.from_cache:
+            results.append(json.loads(stored.read_text()))
+            continue
         print(f"tuning {n}", file=sys.stderr, flush=True)
         results += ([measure_model(n, args)] if args.in_process or len(names) == 1 else
                     bs.run_isolated(__file__, n, MARK, flags, relay="  ["))
-    publish("tune", report(results, args, time.perf_counter() - started, load_before),
+        if args.cache:
+            stored.write_text(json.dumps(results[-1]))
+    if args.from_cache:  # the stored rows say how they were measured
+        args.threads, args.rounds = results[0]["threads"], results[0].get("rounds", args.rounds)
+    seconds = (sum(r["wall_s"] for r in results) if args.from_cache
+               else time.perf_counter() - started)
+    publish("tune", report(results, args, seconds, load_before),
             write=not args.no_write and not args.quick)
 
 
