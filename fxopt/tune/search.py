@@ -250,17 +250,19 @@ class Search:
 
     def _ranking(self, config: Config) -> list[str]:
         """Layers by the error each adds alone (``fxopt.quant.sensitivity``), as names
-        ``skip=`` matches; cached beside the records."""
+        ``skip=`` matches; cached beside the records. Per-tensor int8 reuses the
+        per-channel ranking (the same layers; the sweep is the costly part)."""
         import fxopt
         from fxopt.quant import sensitivity as sens
 
-        key = "ranking-" + config.with_(threads=None).candidate().key()
+        config = config.with_(threads=None, quant="int8")
+        key = "ranking-" + config.candidate().key()
         rec = self.cache.get(key)
         if rec is not None:
             return rec["ranking"]
         self.say(f"ranking layers by int8 sensitivity ({config.name})")
         batches = list(self.calibration or calibration_batches(self.inputs))
-        res = fxopt.optimize(self.model, self.inputs, config.with_(threads=None).pipeline(),
+        res = fxopt.optimize(self.model, self.inputs, config.pipeline(),
                              calibration=batches, tolerance={"approximate": LOOSE})
         ranking = sens.sensitivity(res.module, self.batches,
                                    sens.run_batches(self.model, self.batches),
