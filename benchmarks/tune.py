@@ -154,8 +154,22 @@ def _fmt(r) -> str:
     return "—" if r is None else f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
 
 
+def _partial(name: str, cache: Path) -> str:
+    """What an unfinished model's search had judged so far (its cache records)."""
+    recs = []
+    for f in sorted((cache / "records").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("status") == "ranking":
+            continue
+        v = r.get("values") or {}
+        recs.append(f"{r['name']} {r['status']}"
+                    + (f" (cosine {v['cosine']:.5f})" if "cosine" in v else ""))
+    return (f"*{name}*: the search did not finish before this section was written; what "
+            f"it had judged (accuracy only, nothing timed yet): {'; '.join(recs) or 'nothing'}.")
+
+
 def report(results: list[dict], args: argparse.Namespace, seconds: float,
-           load_before: float) -> str:
+           load_before: float, unfinished: list[str] = ()) -> str:
     import onnxruntime
 
     lines = [
@@ -205,6 +219,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
     lines += ["", "**Against the targets** (measured in the run above; a ratio whose per-round "
               "range straddles 1 is a tie within this machine's noise):", ""]
     lines += [f"- {v}" for v in verdicts]
+    lines += [f"- {u}" for u in unfinished]
     lines += ["", "Winners' pipelines:", ""]
     lines += [f"- {r['model']}: `{r['runtime']}` `{r['pipeline']}`" for r in results]
     lines += ["", "<details><summary>The tuner's own tables (why every other candidate "
@@ -259,11 +274,14 @@ def main() -> None:
     flags = ["--threads", str(args.threads), "--rounds", str(args.rounds)]
     flags += ["--quick"] if args.quick else []
     flags += ["--cache", args.cache] if args.cache else []
-    results = []
+    results, unfinished = [], []
     for n in names:
         stored = Path(args.cache or ".") / f"{n}.row.json"
         if args.from_cache:
-            results.append(json.loads(stored.read_text()))
+            if stored.is_file():
+                results.append(json.loads(stored.read_text()))
+            else:
+                unfinished.append(_partial(n, Path(args.cache) / n))
             continue
         print(f"tuning {n}", file=sys.stderr, flush=True)
         results += ([measure_model(n, args)] if args.in_process or len(names) == 1 else
@@ -274,7 +292,7 @@ def main() -> None:
         args.threads, args.rounds = results[0]["threads"], results[0].get("rounds", args.rounds)
     seconds = (sum(r["wall_s"] for r in results) if args.from_cache
                else time.perf_counter() - started)
-    publish("tune", report(results, args, seconds, load_before),
+    publish("tune", report(results, args, seconds, load_before, unfinished),
             write=not args.no_write and not args.quick)
 
 
