@@ -288,7 +288,7 @@ def main() -> None:
                     bs.run_isolated(__file__, n, MARK, flags, relay="  ["))
         if args.cache:
             stored.write_text(json.dumps(results[-1]))
-    if args.from_cache:  # the stored rows say how they were measured
+    if args.from_cache and results:  # the stored rows say how they were measured
         args.threads, args.rounds = results[0]["threads"], results[0].get("rounds", args.rounds)
     seconds = (sum(r["wall_s"] for r in results) if args.from_cache
                else time.perf_counter() - started)
