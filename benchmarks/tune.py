@@ -221,13 +221,18 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
     lines += [f"- {v}" for v in verdicts]
     lines += [f"- {u}" for u in unfinished]
     lines += ["", "Winners' pipelines:", ""]
-    lines += [f"- {r['model']}: `{r['runtime']}` `{r['pipeline']}`" for r in results]
+    lines += [f"- {r['model']}: `{r['runtime']}` " + (f"`{r['pipeline']}`" if r["pipeline"]
+              else "the plain `torch.onnx.export` (no fxopt pass)") for r in results]
     lines += ["", "<details><summary>The tuner's own tables (why every other candidate "
               "lost)</summary>", ""]
     for r in results:
         lines += [f"{r['model']}:", "", "```", r["table"], "```", ""]
     lines += ["</details>"]
     return "\n".join(lines)
+
+
+def _noise(r) -> str:
+    return " (its per-round range straddles 1: within noise)" if r and r[1] <= 1 <= r[2] else ""
 
 
 def _verdict(r, plain, static, dyn, best, bestr) -> str:
@@ -243,11 +248,11 @@ def _verdict(r, plain, static, dyn, best, bestr) -> str:
         tie = bestr is not None and bestr[1] <= 1.0 <= bestr[2]
         return (f"*{m}* (never slower than the best cell): "
                 f"{'holds' if ok else ('a tie within noise' if tie else 'does not hold')} — "
-                f"best cell {best}, best/tuned {_fmt(bestr)}.")
+                f"best cell {best}, best/tuned {_fmt(bestr)}{_noise(bestr)}.")
     dyn_cos = rows.get("ort-quantize_dynamic", {}).get("cos_mean", float("nan"))
     ok = dyn is not None and dyn[0] > 1.0 and tuned_cos > dyn_cos
     return (f"*{m}* (faster than ORT's quantize_dynamic at better agreement): "
-            f"{'holds' if ok else 'does not hold'} — ort-dynamic/tuned {_fmt(dyn)}, "
+            f"{'holds' if ok else 'does not hold'} — ort-dynamic/tuned {_fmt(dyn)}{_noise(dyn)}, "
             f"held-out cosine {tuned_cos:.5f} vs {dyn_cos:.5f}.")
 
 
