@@ -174,8 +174,11 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
 
     lines = [
         "## `fxopt tune`: the tuner's choice vs ONNX Runtime's peers", "",
-        f"`python benchmarks/tune.py{' --quick' if args.quick else ''} --threads "
-        f"{args.threads} --rounds {args.rounds}` — torch {torch.__version__}, onnxruntime "
+        (f"`python benchmarks/tune.py --models M --cache DIR --threads {args.threads} --rounds "
+         f"{args.rounds}` per model (models measured concurrently on this shared machine), "
+         "then `python benchmarks/tune.py --from-cache --cache DIR`" if args.from_cache else
+         f"`python benchmarks/tune.py{' --quick' if args.quick else ''} --threads "
+         f"{args.threads} --rounds {args.rounds}`") + f" — torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, {bs.machine()}; 1-min load average {load_before:.2f} "
         f"before, {bs.load_average():.2f} after; {seconds:.0f} s in all (each model in a "
         "fresh process).", "",
