@@ -14,6 +14,7 @@ from fxopt import ops, prune, quant, visualize
 from fxopt.capture import capture
 from fxopt.errors import (
     ArtifactVersionError,
+    BudgetError,
     CaptureError,
     CheckpointError,
     DistributedError,
@@ -31,6 +32,7 @@ from fxopt.lowering import load, lower
 from fxopt.manager import OptimizeResult, PassManager, Report, optimize
 from fxopt.passes.base import Pass, PassContext, PassResult, Semantics, register_pass
 from fxopt.pipeline import PIPELINES, parse_pipeline
+from fxopt.tune import TuneResult, tune  # fxopt.tune(...) is the function (module: fxopt/tune/)
 from fxopt.verify import Tolerance
 
 
@@ -113,6 +115,7 @@ def __getattr__(name: str):
 __all__ = [
     "PIPELINES",
     "ArtifactVersionError",
+    "BudgetError",
     "CaptureError",
     "CheckpointError",
     "DistributedError",
@@ -132,6 +135,7 @@ __all__ = [
     "SpecError",
     "TrainingError",
     "Tolerance",
+    "TuneResult",
     "calibrate",
     "capture",
     "check_trt",
@@ -146,4 +150,5 @@ __all__ = [
     "optimize",
     "parse_pipeline",
     "register_pass",
+    "tune",
 ]

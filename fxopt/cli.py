@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fxopt.cli_bench import add_parser as add_bench_parser
+from fxopt.cli_tune import add_parser as add_tune_parser
 from fxopt.errors import FxoptError, SpecError
 from fxopt.passes.prune.report import plot_kept, prune_table
 from fxopt.passes.sparsify import sparsity_table
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="demo-out",
                    help="folder for the artifacts (default demo-out)")
     p.set_defaults(fn=cmd_demo)
+    add_tune_parser(sub)
     return parser
 
 

@@ -55,3 +55,14 @@ class DistributedError(TrainingError):
 class CheckpointError(TrainingError):
     """A training checkpoint cannot be used: written for another graph, incomplete, or of
     an unknown format version."""
+
+
+class BudgetError(FxoptError):
+    """``fxopt tune`` found no candidate within the accuracy budget. ``best`` names the
+    closest candidate, ``misses`` says by how much it missed per measure, ``values`` what
+    it reached."""
+
+    def __init__(self, message: str, *, best: str | None = None,
+                 misses: dict | None = None, values: dict | None = None):
+        super().__init__(message)
+        self.best, self.misses, self.values = best, dict(misses or {}), dict(values or {})
