@@ -92,9 +92,10 @@ AUTO_MIN_CHANNELS = 64
 def multiple_of(g: Group, round_to: int | str | None) -> int:
     """The multiple of units that ``g``'s kept count is rounded up to: ``round_to`` itself
     when it is an integer (1 or ``None``: no rounding), and for ``"auto"`` the number of
-    units that makes every kept width a multiple of ``AUTO_ROUND`` channels in a group of at
-    least ``AUTO_MIN_CHANNELS`` channels, else 1 (a head of 16 columns is 1 unit; a
-    channel is 8).
+    units that makes the kept width of every axis of at least ``AUTO_MIN_CHANNELS``
+    channels a multiple of ``AUTO_ROUND`` channels, else 1 (a unit of 1 channel: 8 units;
+    a head of 16 columns: 1 unit, whatever the head count), provided that a rounding step
+    is at most 1/8 of the group's units (else 1).
 
     Example::
 
@@ -104,11 +105,16 @@ def multiple_of(g: Group, round_to: int | str | None) -> int:
         return 1
     if not isinstance(round_to, str):
         return round_to
-    widths = [np.bincount(labels, minlength=g.n_units) for labels in g.units.values()]
-    if not widths or max(len(labels) for labels in g.units.values()) < AUTO_MIN_CHANNELS:
-        return 1
-    per_unit = min(int(w[w > 0].min()) for w in widths if w.any())
-    return AUTO_ROUND // math.gcd(AUTO_ROUND, per_unit)
+    multiple = 1
+    for labels in g.units.values():  # the wide axes: a head-count axis is not a width
+        if len(labels) < AUTO_MIN_CHANNELS:
+            continue
+        per_unit = np.bincount(labels, minlength=g.n_units)
+        per_unit = int(per_unit[per_unit > 0].min())
+        multiple = math.lcm(multiple, AUTO_ROUND // math.gcd(AUTO_ROUND, per_unit))
+    # a rounding step of more than 1/8 of the group (two conv groups of 36 channels) costs
+    # too much: not rounded (for 1-channel units this is the same 64-channel floor)
+    return multiple if multiple * AUTO_ROUND <= g.n_units else 1
 
 
 def _keep_count(n: int, drop: int, multiple: int, cap: float) -> int:
