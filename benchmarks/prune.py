@@ -10,8 +10,9 @@ Pass time: ``stats["seconds"]`` (grouping, ranking, shrinking; the masked-twin c
 counted) of ``prune(ratio=0.5)`` on ResNet-50 and the same layout with ResNet-101 / -152
 block counts; time per node shows whether it grows linearly. Latency: every ``--prune`` spec
 (default: ``prune(macs=0.5)`` as the issue states it, i.e. ``round_to="auto"``; with
-``round_to=1``, no rounding; and with ``round_to=16`` local and global) against the unpruned graph, one interleaved ``compare_latency`` run per model for
-eager and one for ONNX Runtime (one thread each). The command line is printed into the
+``round_to=1``, no rounding; and with ``round_to=16`` local and global) against the
+unpruned graph, one interleaved ``compare_latency`` run per model for eager and one for
+ONNX Runtime (one thread each). The command line is printed into the
 section, so a rerun on a quieter machine is the same measurement.
 """
 

@@ -21,9 +21,16 @@ from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.prune.attention import decompose_attention
 from fxopt.passes.prune.groups import graph_path, groups, param_key
-from fxopt.passes.prune.plan import load_plan, replay, search_ratio
+from fxopt.passes.prune.plan import Refine, load_plan, replay, search_ratio
 from fxopt.passes.prune.report import layer_counts, layer_report, totals
-from fxopt.passes.prune.shrink import indices_by_axis, score, select, shrink, tensor_of
+from fxopt.passes.prune.shrink import (
+    indices_by_axis,
+    next_drop,
+    score,
+    select,
+    shrink,
+    tensor_of,
+)
 from fxopt.passes.prune.taylor import calibration_batches
 from fxopt.passes.prune.twin import check_twin, zero_consumers
 
@@ -122,7 +129,11 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
                    removed)
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
 
-        ratio, kept, searched = search_ratio(pick, measure, total, macs, scores)
+        refine = Refine(  # one rounding step of one group at a time, if the ratio is coarse
+            lambda i, c: next_drop(chosen[i], c, round_to, max_layer_ratio),
+            lambda counts: pick(0.0, counts=counts),
+            [np.argsort(s, kind="stable") for s in scores])
+        ratio, kept, searched = search_ratio(pick, measure, total, macs, scores, refine=refine)
         stats |= {"ratio": ratio, "macs_target": macs, "macs_kept_search": kept}
         counts = [len(r) for r in searched]  # per group: the search may mix ratios
     if saved is not None:

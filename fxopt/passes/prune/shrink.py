@@ -125,6 +125,24 @@ def _keep_count(n: int, drop: int, multiple: int, cap: float) -> int:
     return keep
 
 
+def next_drop(g: Group, count: int, round_to: int | str | None = None,
+              max_layer_ratio: float = 1.0) -> int | None:
+    """How many units ``g`` removes after one more rounding step from removing ``count``:
+    its kept count goes down to the next multiple of ``multiple_of(g, round_to)``; ``None``
+    when that would pass ``max_layer_ratio`` or remove the last multiple.
+
+    Example::
+
+        next_drop(g, 16, "auto")   # 24 for a group of 64 channels (keeps 40 instead of 48)
+    """
+    n, m = g.n_units, multiple_of(g, round_to)
+    keep = n - count
+    new_keep = (keep - 1) // m * m
+    if new_keep < 1 or n - new_keep > min(math.floor(max_layer_ratio * n), n - 1):
+        return None
+    return n - new_keep
+
+
 def select(groups: list[Group], scores: list[np.ndarray], *, ratio: float,
            scope: str = "local", round_to: int | str | None = None,
            max_layer_ratio: float = 1.0, counts: list[int] | None = None) -> list[np.ndarray]:
