@@ -9,7 +9,7 @@ import fxopt
 from fxopt import zoo
 from fxopt.errors import PassError
 from fxopt.passes.prune.groups import groups
-from fxopt.passes.prune.plan import close_gap, search_ratio
+from fxopt.passes.prune.plan import Refine, close_gap, search_ratio
 from fxopt.passes.prune.shrink import AUTO_MIN_CHANNELS, AUTO_ROUND, multiple_of, select
 
 
@@ -110,9 +110,34 @@ def test_close_gap_takes_the_least_important_extra_units_first():
     lo, hi = (0.0, measure(lo) / total, lo), (0.5, measure(hi) / total, hi)
     scores = [s.copy() for s in scores]
     scores[2][hi[2][2]] = 0.0  # group 2's extra units matter least
-    _, kept, removed = close_gap(lo, hi, measure, total, 0.9, scores)
+    above, (_, kept, removed) = close_gap(lo, hi, measure, total, 0.9, scores)
     assert [len(r) for r in removed] == [0, 0, 32, 0]
     assert kept == pytest.approx(1 - 3 * 32 / (64 * 10))
+
+
+def test_refine_steps_one_group_at_a_time_and_skips_steps_that_overshoot():
+    weight, width, multiple = [20.0, 1.0, 1.0, 1.0, 1.0], 64, [32, 8, 8, 8, 8]
+    gen = np.random.default_rng(1)
+    scores = [gen.random(width) + (0 if i == 0 else 1) for i in range(5)]  # group 0 least
+    orders = [np.argsort(s, kind="stable") for s in scores]
+
+    def take(counts):
+        return [np.sort(o[:c]) for o, c in zip(orders, counts, strict=True)]
+
+    def next_count(i, c):
+        keep = (width - c - 1) // multiple[i] * multiple[i]
+        return width - keep if keep >= 1 else None
+
+    def measure(removed):
+        return int(sum(w * (width - len(r)) for w, r in zip(weight, removed, strict=True)))
+
+    total = measure(take([0] * 5))
+    start = (0.0, 1.0, take([0] * 5))
+    _, kept, removed = Refine(next_count, take, orders).step_down(start, measure, total, 0.9,
+                                                                 scores)
+    assert abs(kept - 0.9) <= 0.015 and kept == measure(removed) / total
+    assert len(removed[0]) == 0  # its one step (-42% of the MACs) was tried and dropped
+    assert all(len(r) % 8 == 0 for r in removed[1:]) and sum(map(len, removed[1:])) > 0
 
 
 def test_unreachable_target_still_says_so():
