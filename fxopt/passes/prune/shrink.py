@@ -79,42 +79,46 @@ def _norms(g: Group, gm: fx.GraphModule, importance: str) -> np.ndarray:
 
 
 # round_to="auto": kept counts are multiples of AUTO_ROUND channels in groups of at least
-# AUTO_MIN_CHANNELS channels. CPU conv / GEMM kernels (oneDNN blocked layouts, MLAS) work
-# in blocks of 8 / 16 channels, and a ragged width costs a full block (RESULTS.md "prune":
-# 52 of resnet50's 53 convs off the multiple made ORT 1.51x instead of 2.05x). Rounding
-# keeps at most 7 channels more: at most 11% of a 64-wide group and under 3% from 256 up,
-# which the MAC search gives back elsewhere; a narrower group would keep up to 22% more
-# for a layer too small to be compute bound, so it is not rounded.
+# AUTO_MIN_CHANNELS channels that hold at least two rounding steps. CPU conv / GEMM kernels
+# (oneDNN blocked layouts, ONNX Runtime's NCHWc convs) work in blocks of 8 / 16 channels
+# and a ragged width costs a full block or a layout change (RESULTS.md "prune": resnet50
+# under round_to=1 has 52 of 53 convs off the multiple, ORT 1.44x vs 1.89x; MobileNet's
+# 16-40-wide groups left ragged made ORT slower than unpruned, 0.85x, rounded 1.11x).
+# Rounding moves a group's count by under one step; the MAC search then takes steps in other
+# groups (plan.Refine), so the MAC target still holds. A group of one step or less (8
+# channels) would not be pruned at all, so it is left alone.
 AUTO_ROUND = 8
-AUTO_MIN_CHANNELS = 64
+AUTO_MIN_CHANNELS = 16
 
 
 def multiple_of(g: Group, round_to: int | str | None) -> int:
     """The multiple of units that ``g``'s kept count is rounded up to: ``round_to`` itself
     when it is an integer (1 or ``None``: no rounding), and for ``"auto"`` the number of
-    units that makes the kept width of every axis of at least ``AUTO_MIN_CHANNELS``
-    channels a multiple of ``AUTO_ROUND`` channels, else 1 (a unit of 1 channel: 8 units;
-    a head of 16 columns: 1 unit, whatever the head count), provided that a rounding step
-    is at most 1/8 of the group's units (else 1).
+    units that makes every channel axis's kept width a multiple of ``AUTO_ROUND`` (a unit
+    of 1 channel: 8 units; a head of 16 columns: 1 unit; a head-count axis, one index per
+    head beside the columns, is not a width), in a group at least ``AUTO_MIN_CHANNELS``
+    wide that holds at least two such steps (else 1).
 
     Example::
 
-        [multiple_of(g, "auto") for g in gs]   # e.g. [1, 8, 8, 1] for widths 32, 64, 256, 48
+        [multiple_of(g, "auto") for g in gs]   # e.g. [1, 8, 8, 1] for widths 8, 24, 256, 2 heads
     """
     if round_to is None:
         return 1
     if not isinstance(round_to, str):
         return round_to
-    multiple = 1
-    for labels in g.units.values():  # the wide axes: a head-count axis is not a width
-        if len(labels) < AUTO_MIN_CHANNELS:
-            continue
+    widths = {}
+    for ax, labels in g.units.items():
         per_unit = np.bincount(labels, minlength=g.n_units)
-        per_unit = int(per_unit[per_unit > 0].min())
-        multiple = math.lcm(multiple, AUTO_ROUND // math.gcd(AUTO_ROUND, per_unit))
-    # a rounding step of more than 1/8 of the group (two conv groups of 36 channels) costs
-    # too much: not rounded (for 1-channel units this is the same 64-channel floor)
-    return multiple if multiple * AUTO_ROUND <= g.n_units else 1
+        widths[ax] = (len(labels), int(per_unit[per_unit > 0].min()) if len(labels) else 1)
+    if not widths or max(n for n, _ in widths.values()) < AUTO_MIN_CHANNELS:
+        return 1
+    columns = max(w for _, w in widths.values()) > 1  # then 1-per-unit axes count heads
+    multiple = 1
+    for _, w in widths.values():
+        if w > 1 or not columns:
+            multiple = math.lcm(multiple, AUTO_ROUND // math.gcd(AUTO_ROUND, w))
+    return multiple if 2 * multiple <= g.n_units else 1
 
 
 def _keep_count(n: int, drop: int, multiple: int, cap: float) -> int:
