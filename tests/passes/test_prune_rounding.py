@@ -24,12 +24,13 @@ def _groups(name):
     return [g for g in groups(fxopt.capture(model, inputs)) if g.prunable]
 
 
-def test_auto_rounds_wide_channel_groups_to_8_and_leaves_narrow_ones():
-    gs = _groups("resnet")  # widths 16, 16, 32, 32, 64, 64
-    widths = [g.n_units for g in gs]
-    assert min(widths) < AUTO_MIN_CHANNELS <= max(widths)
-    assert [multiple_of(g, "auto") for g in gs] == [
-        AUTO_ROUND if w >= AUTO_MIN_CHANNELS else 1 for w in widths]
+def test_auto_rounds_channel_groups_of_two_steps_and_leaves_narrower_ones():
+    gs = _groups("mobilenet")  # channel groups 8 ... 128 wide, and a 2-unit grouped conv
+    single = [g for g in gs if max(len(x) for x in g.units.values()) == g.n_units]
+    widths = [g.n_units for g in single]
+    assert min(widths) < 2 * AUTO_ROUND and max(widths) >= AUTO_MIN_CHANNELS
+    assert [multiple_of(g, "auto") for g in single] == [
+        AUTO_ROUND if w >= max(AUTO_MIN_CHANNELS, 2 * AUTO_ROUND) else 1 for w in widths]
     assert {multiple_of(g, 1) for g in gs} == {multiple_of(g, None) for g in gs} == {1}
     assert {multiple_of(g, 16) for g in gs} == {16}
 
@@ -39,6 +40,9 @@ def test_auto_counts_heads_by_their_columns_not_their_number():
     heads = [g for g in gs if g.n_units == 2]
     assert heads and all(multiple_of(g, "auto") == 1 for g in heads)
     assert all(multiple_of(g, "auto") == AUTO_ROUND for g in gs if g.n_units >= 64)
+    _, stats = _prune("transformer", "prune(ratio=0.5)")  # heads: half of them kept
+    heads = [g for g in stats["plan"] if g["units"] < AUTO_MIN_CHANNELS]
+    assert heads and all(g["removed_units"] == g["units"] // 2 for g in heads)
 
 
 def test_auto_does_not_round_when_a_step_would_be_a_large_part_of_the_group():
@@ -47,14 +51,19 @@ def test_auto_does_not_round_when_a_step_would_be_a_large_part_of_the_group():
     assert pair and multiple_of(pair[0], "auto") == 1
 
 
-def test_default_prune_keeps_multiples_of_8_in_wide_groups_only():
-    _, stats = _prune("resnet", "prune(ratio=0.45)")
+def test_default_prune_keeps_multiples_of_8_where_auto_rounds():
+    model, inputs = zoo.load("mobilenet")
+    res = fxopt.optimize(model, inputs, pipeline="prune(ratio=0.45)")
+    stats = res.report.records[-1].stats
+    rounded = 0
     for g in stats["plan"]:
         kept = g["units"] - g["removed_units"]
-        if g["units"] >= AUTO_MIN_CHANNELS:
+        if g["units"] >= 2 * AUTO_ROUND and g["units"] != 2:  # not the grouped conv's pair
             assert kept % AUTO_ROUND == 0
+            rounded += 1
         else:
             assert kept == g["units"] - math.floor(0.45 * g["units"])
+    assert rounded
 
 
 def test_round_to_1_means_no_rounding():
