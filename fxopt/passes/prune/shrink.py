@@ -81,9 +81,10 @@ def _norms(g: Group, gm: fx.GraphModule, importance: str) -> np.ndarray:
 # round_to="auto": kept counts are multiples of AUTO_ROUND channels in groups of at least
 # AUTO_MIN_CHANNELS channels that hold at least two rounding steps. CPU conv / GEMM kernels
 # (oneDNN blocked layouts, ONNX Runtime's NCHWc convs) work in blocks of 8 / 16 channels
-# and a ragged width costs a full block or a layout change (RESULTS.md "prune": resnet50
-# under round_to=1 has 52 of 53 convs off the multiple, ORT 1.44x vs 1.89x; MobileNet's
-# 16-40-wide groups left ragged made ORT slower than unpruned, 0.85x, rounded 1.11x).
+# and a ragged width costs a full block or a layout change (RESULTS.md "prune", macs=0.5:
+# resnet50 with round_to=1 has 52 of 53 convs off the multiple, ORT 1.50x vs 1.98x auto;
+# MobileNet's 16-40-wide groups ragged make ORT slower than unpruned, 0.67x vs 1.11x; an
+# auto floor of 64 channels, which left them ragged, measured 0.85x).
 # Rounding moves a group's count by under one step; the MAC search then takes steps in other
 # groups (plan.Refine), so the MAC target still holds. A group of one step or less (8
 # channels) would not be pruned at all, so it is left alone.
