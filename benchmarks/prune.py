@@ -9,9 +9,10 @@ Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prune.py   (rewrites its sec
 Pass time: ``stats["seconds"]`` (grouping, ranking, shrinking; the masked-twin check is not
 counted) of ``prune(ratio=0.5)`` on ResNet-50 and the same layout with ResNet-101 / -152
 block counts; time per node shows whether it grows linearly. Latency: every ``--prune`` spec
-(default: ``prune(macs=0.5)`` as the issue states it, and with ``round_to=16`` local and
-global) against the unpruned graph, one interleaved ``compare_latency`` run per model for
-eager and one for ONNX Runtime (one thread each). The command line is printed into the
+(default: ``prune(macs=0.5)`` as the issue states it, i.e. ``round_to="auto"``; with
+``round_to=1``, no rounding; and with ``round_to=16`` local and global) against the
+unpruned graph, one interleaved ``compare_latency`` run per model for eager and one for
+ONNX Runtime (one thread each). The command line is printed into the
 section, so a rerun on a quieter machine is the same measurement.
 """
 
@@ -180,8 +181,8 @@ def eager_profile(graphs: dict, inputs: tuple) -> list[str]:
     return rows
 
 
-DEFAULT_SPECS = ("prune(macs=0.5)", "prune(macs=0.5,round_to=16)",
-                 "prune(macs=0.5,scope=global,round_to=16)")
+DEFAULT_SPECS = ("prune(macs=0.5)", "prune(macs=0.5,round_to=1)",
+                 "prune(macs=0.5,round_to=16)", "prune(macs=0.5,scope=global,round_to=16)")
 
 
 def main() -> None:

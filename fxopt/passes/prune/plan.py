@@ -4,7 +4,7 @@ leaves a fraction of the MACs.
 Example::
 
     removed = replay(chosen_groups, json.load(open("plan.json")))
-    ratio, macs = search_ratio(lambda r: macs_after(r), target=0.5)
+    ratio, kept, removed = search_ratio(pick, measure, total, 0.5, scores)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,24 +115,147 @@ def replay(groups: list[Group], plan: list[dict]) -> list[np.ndarray]:
     return removed
 
 
-def search_ratio(macs_after: Callable[[float], int], total: int, target: float,
-                 tolerance: float = 0.03, steps: int = 14) -> tuple[float, float]:
-    """Bisect the ratio whose pruned graph keeps ``target`` of ``total`` MACs; returns
-    ``(ratio, achieved fraction)``; ``PassError`` if no ratio gets within ``tolerance``."""
-    lo, hi = 0.0, 0.95
-    best = (0.0, 1.0)
+def search_ratio(pick: Callable[[float], list[np.ndarray]],
+                 measure: Callable[[list[np.ndarray]], int], total: int, target: float,
+                 scores: list[np.ndarray], tolerance: float = 0.03, steps: int = 14,
+                 refine: Refine | None = None) -> tuple[float, float, list[np.ndarray]]:
+    """The units to remove so that the pruned graph keeps ``target`` of ``total`` MACs:
+    ``(ratio, achieved fraction, removed units per group)``. ``pick(ratio)`` gives the
+    units per group for a ratio, ``measure(removed)`` the MACs left.
+
+    First the ratio is bisected. Rounding (``round_to``) makes many groups' kept counts
+    jump at once, so the MACs can step over the target; then the gap is closed group by
+    group (``close_gap``) between the last ratio above the target and the first below,
+    and, with ``refine``, one rounding step of one group at a time from there.
+    ``PassError`` if nothing gets within ``tolerance``.
+
+    Example::
+
+        ratio, kept, removed = search_ratio(pick, measure, total, 0.5, scores)
+    """
+    lo, hi = (0.0, 1.0, pick(0.0)), None  # (ratio, kept, removed): above / below target
+    a, b = 0.0, 0.95
+    best = lo
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        kept = macs_after(mid) / total
+        mid = (a + b) / 2
+        removed = pick(mid)
+        kept = measure(removed) / total
         if abs(kept - target) < abs(best[1] - target):
-            best = (mid, kept)
+            best = (mid, kept, removed)
         if abs(kept - target) <= tolerance / 2:
-            break
-        lo, hi = (mid, hi) if kept > target else (lo, mid)
-    smallest = macs_after(0.95) / total if best[1] - target > tolerance else None
+            return best
+        if kept > target:
+            a, lo = mid, (mid, kept, removed)
+        else:
+            b, hi = mid, (mid, kept, removed)
+    if hi is None:
+        removed = pick(0.95)
+        hi = (0.95, measure(removed) / total, removed)
+        best = min((best, hi), key=lambda c: abs(c[1] - target))
+    if hi[1] < target:  # a bracket: close the gap group by group
+        above, mixed = close_gap(lo, hi, measure, total, target, scores, tolerance)
+        best = min((best, mixed), key=lambda c: abs(c[1] - target))
+        if refine is not None and abs(best[1] - target) > tolerance / 2:
+            stepped = refine.step_down(above, measure, total, target, scores, tolerance)
+            best = min((best, stepped), key=lambda c: abs(c[1] - target))
     if abs(best[1] - target) > tolerance:
-        floor = f"; the most pruning keeps {smallest:.3f}" if smallest is not None else ""
+        floor = f"; the most pruning keeps {hi[1]:.3f}" if hi[1] > target else ""
         raise PassError(f"prune: no ratio keeps {target:.3f} of the MACs within "
                         f"{tolerance:.2f} (closest: ratio {best[0]:.3f} keeps "
                         f"{best[1]:.3f}{floor}); ask for a reachable macs=")
     return best
+
+
+def close_gap(lo: tuple, hi: tuple, measure: Callable[[list[np.ndarray]], int], total: int,
+              target: float, scores: list[np.ndarray],
+              tolerance: float = 0.03) -> tuple[tuple, tuple]:
+    """Between two selections ``lo`` (keeps more than ``target``) and ``hi`` (less), each
+    ``(ratio, kept, removed)`` with ``lo``'s units a subset of ``hi``'s in every group: take
+    ``hi``'s extra units (one rounding step, at the end of a bisection) in some groups only,
+    least important extra units first (their mean score over the group's mean), bisecting
+    how many groups take them. The MACs fall with every group that does, so the crossing
+    is found in log2(groups) measurements. Returns the last selection above ``target`` and
+    the one closest to it.
+
+    Example::
+
+        above, closest = close_gap(lo, hi, measure, total, 0.5, scores)
+    """
+    diff = [i for i, (x, y) in enumerate(zip(lo[2], hi[2], strict=True)) if len(x) != len(y)]
+
+    def cost(i: int) -> float:
+        extra = np.setdiff1d(hi[2][i], lo[2][i])
+        return _relative(scores[i], extra)
+
+    order = sorted(diff, key=cost)
+
+    def mix(k: int) -> list[np.ndarray]:
+        take = set(order[:k])
+        return [y if i in take else x for i, (x, y) in enumerate(zip(lo[2], hi[2],
+                                                                     strict=True))]
+
+    a, b = 0, len(order)  # kept(a) > target > kept(b)
+    best, above = min((lo, hi), key=lambda c: abs(c[1] - target)), lo
+    while b - a > 1:
+        k = (a + b) // 2
+        trial = (lo[0], measure(mix(k)) / total, mix(k))
+        best = min((best, trial), key=lambda c: abs(c[1] - target))
+        if abs(trial[1] - target) <= tolerance / 2:
+            break
+        if trial[1] > target:
+            a, above = k, trial
+        else:
+            b = k
+    return above, best
+
+
+def _relative(s, units) -> float:
+    """Mean score of ``units`` over the group's mean score (0 for none)."""
+    s = np.asarray(s, dtype=float)
+    return float(s[units].mean() / (s.mean() + 1e-12)) if len(units) else 0.0
+
+
+@dataclass
+class Refine:
+    """One rounding step of one group at a time: ``next_count(i, count)`` is the number of
+    units group ``i`` removes after one more rounding step from ``count`` (``None``: none
+    left under ``max_layer_ratio`` / the last unit), ``take(counts)`` the units for a count
+    per group, ``orders[i]`` group ``i``'s units in the order they go."""
+
+    next_count: Callable[[int, int], int | None]
+    take: Callable[[list[int]], list[np.ndarray]]
+    orders: list[np.ndarray]
+
+    def step_down(self, start: tuple, measure: Callable[[list[np.ndarray]], int], total: int,
+                  target: float, scores: list[np.ndarray],
+                  tolerance: float = 0.03) -> tuple[float, float, list[np.ndarray]]:
+        """From ``start`` (above ``target``), take one more rounding step in the group whose
+        next units matter least, keeping each step that stays above ``target -
+        tolerance / 2`` and dropping for good the groups whose step falls below it (the MACs
+        only fall from there), until within ``tolerance / 2`` or no step is left.
+
+        Example::
+
+            ratio, kept, removed = refine.step_down(above, measure, total, 0.5, scores)
+        """
+        counts = [len(r) for r in start[2]]
+        best = cur = start
+        dropped: set[int] = set()
+        while abs(cur[1] - target) > tolerance / 2:
+            moves = []
+            for i, c in enumerate(counts):
+                nxt = None if i in dropped else self.next_count(i, c)
+                if nxt is not None and nxt > c:
+                    moves.append((_relative(scores[i], self.orders[i][c:nxt]), i, nxt))
+            if not moves:
+                break
+            _, i, nxt = min(moves)
+            trial_counts = counts[:i] + [nxt] + counts[i + 1:]
+            removed = self.take(trial_counts)
+            trial = (start[0], measure(removed) / total, removed)
+            best = min((best, trial), key=lambda c: abs(c[1] - target))
+            if trial[1] >= target - tolerance / 2:
+                counts, cur = trial_counts, trial
+            else:
+                dropped.add(i)
+        return best

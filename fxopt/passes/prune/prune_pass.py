@@ -21,9 +21,16 @@ from fxopt.ops import _set_path, fetch_attr
 from fxopt.passes.base import PassContext, PassResult, Semantics, register_pass
 from fxopt.passes.prune.attention import decompose_attention
 from fxopt.passes.prune.groups import graph_path, groups, param_key
-from fxopt.passes.prune.plan import load_plan, replay, search_ratio
+from fxopt.passes.prune.plan import Refine, load_plan, replay, search_ratio
 from fxopt.passes.prune.report import layer_counts, layer_report, totals
-from fxopt.passes.prune.shrink import indices_by_axis, score, select, shrink, tensor_of
+from fxopt.passes.prune.shrink import (
+    indices_by_axis,
+    next_drop,
+    score,
+    select,
+    shrink,
+    tensor_of,
+)
 from fxopt.passes.prune.taylor import calibration_batches
 from fxopt.passes.prune.twin import check_twin, zero_consumers
 
@@ -36,13 +43,15 @@ def _macs(gm) -> int:
 
 @register_pass("prune", Semantics.CHANGES)
 def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None,
-          importance: str = "l1", scope: str = "local", round_to: int | None = None,
+          importance: str = "l1", scope: str = "local", round_to: int | str | None = "auto",
           max_layer_ratio: float = 1.0, skip: list[str] | None = None, plan=None,
           seed: int = 0, hidden: bool = False, steps: int = 1) -> PassResult:
     """Remove ``ratio`` of the channels of every prunable group (heads, MLP width, conv
     channels), or the ratio that keeps ``macs`` of the MACs, ranked by ``importance`` (l1,
     l2, bn_scale, random), per group (``scope=local``) or across groups (``global``); kept
-    counts are multiples of ``round_to``; no group loses more than ``max_layer_ratio``;
+    counts are multiples of ``round_to`` (``"auto"``, the default: of 8 channels in groups
+    of at least 64, ``shrink.multiple_of``; 1: no rounding); no group loses more than
+    ``max_layer_ratio``;
     ``skip`` names layers to leave whole; ``plan`` replays a saved plan; ``hidden=True``
     also prunes the residual / embedding width under LayerNorm / RMSNorm (plan entries
     ``"exact": false``). The result is verified against its masked twin (exact groups;
@@ -70,8 +79,10 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
         raise PassError(f"prune: macs is the fraction of MACs to keep, in (0, 1), not {macs!r}")
     if not 0 < max_layer_ratio <= 1:
         raise PassError(f"prune: max_layer_ratio must be in (0, 1], not {max_layer_ratio!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise PassError(f"prune: round_to must be a positive integer, not {round_to!r}")
+    if round_to is not None and round_to != "auto" and (
+            not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise PassError(f"prune: round_to must be 'auto' or a positive integer (1: no "
+                        f"rounding), not {round_to!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise PassError(f"prune: steps must be a positive integer, not {steps!r}")
     if isinstance(skip, str):
@@ -105,26 +116,35 @@ def prune(gm, ctx: PassContext, *, ratio: float = 0.5, macs: float | None = None
 
     scores = rank(chosen, gm) if saved is None and (steps == 1 or macs is not None) else None
 
-    def pick(r: float, s=None):
+    def pick(r: float, s=None, counts=None):
         return select(chosen, scores if s is None else s, ratio=r, scope=scope,
-                      round_to=round_to, max_layer_ratio=max_layer_ratio)
+                      round_to=round_to, max_layer_ratio=max_layer_ratio, counts=counts)
 
     total = _macs(gm) if macs is not None else None
     if saved is None and macs is not None:  # the one-shot ratio for the target, found once
 
-        def macs_after(r: float) -> int:
+        def measure(removed) -> int:
             trial = copy_graph_module(gm)  # same node names, so the same groups in order
             shrink(trial, [g for g in groups(trial, skip=skip, hidden=hidden) if g.prunable],
-                   pick(r))
+                   removed)
             return _macs(annotate(trial, tuple(ctx.example_inputs)))
 
-        ratio, kept = search_ratio(macs_after, total, macs)
+        refine = Refine(  # one rounding step of one group at a time, if the ratio is coarse
+            lambda i, c: next_drop(chosen[i], c, round_to, max_layer_ratio),
+            lambda counts: pick(0.0, counts=counts),
+            [np.argsort(s, kind="stable") for s in scores])
+        ratio, kept, searched = search_ratio(pick, measure, total, macs, scores, refine=refine)
         stats |= {"ratio": ratio, "macs_target": macs, "macs_kept_search": kept}
+        counts = [len(r) for r in searched]  # per group: the search may mix ratios
     if saved is not None:
         removed = replay(chosen, saved)
     elif steps > 1:  # the N-step schedule to that ratio, re-ranking in between
-        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown)
+        final = counts if macs is not None and scope == "local" else None
+        removed, per_step = _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, shown,
+                                     final)
         stats |= {"steps": steps, "units_removed_per_step": per_step}
+    elif macs is not None:
+        removed = searched
     else:
         removed = pick(ratio)
     if not any(len(r) for r in removed):
@@ -196,11 +216,12 @@ def _shrink_inexact(twin, chosen, removed, skip) -> list[int]:
     return [chosen[i].id for i in ids]
 
 
-def _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, progress):
+def _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, progress, final=None):
     """The cumulative units removed after ``steps`` steps to ``ratio``: each step ranks a
     masked copy (the units removed so far zeroed in every member), keeps them removed and
-    removes more up to ``ratio * k / steps``; returns the units per group and how many each
-    step added."""
+    removes more up to ``ratio * k / steps`` (the last step: ``final`` units per group when
+    given, a MAC search's counts); returns the units per group and how many each step
+    added."""
     work = copy_graph_module(gm)  # same node names, so the same groups in order
     mirror = [g for g in groups(work, skip=skip, hidden=hidden) if g.prunable]
     if [g.n_units for g in mirror] != [g.n_units for g in chosen]:
@@ -213,7 +234,8 @@ def _iterate(gm, chosen, skip, hidden, ratio, steps, rank, pick, progress):
         scores = [np.asarray(s, dtype=float).copy() for s in rank(mirror, work)]
         for s, r in zip(scores, removed, strict=True):
             s[r] = -1.0  # every importance is >= 0: what is gone stays first in line
-        new = pick(ratio if k == steps else ratio * k / steps, scores)
+        new = (pick(ratio, scores, final) if k == steps and final is not None
+               else pick(ratio if k == steps else ratio * k / steps, scores))
         before = sum(len(r) for r in removed)
         removed = [np.union1d(a, b).astype(np.int64) for a, b in zip(removed, new, strict=True)]
         per_step.append(sum(len(r) for r in removed) - before)
