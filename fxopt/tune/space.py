@@ -141,6 +141,10 @@ class Config:
         from fxopt.bench.candidates import Candidate
 
         options = (("threads", self.threads),) if self.threads is not None else ()
+        if self.runtime == "onnx":
+            # the tuned file must take any batch (val_data batches, the user's deployment),
+            # not only the example's: fxopt bench's ONNX candidates default to static shapes
+            options = tuple(sorted((*options, ("dynamic_batch", True))))
         return Candidate(name=self.name, runtime=self.runtime, pipeline=self.pipeline(),
                          baseline=self.baseline, options=options)
 
