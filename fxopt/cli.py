@@ -122,16 +122,7 @@ def load_calibration(spec: str, example_inputs: tuple, limit: int | None = None)
         batches = load_calibration("mydata.py:calibration_batches", (torch.randn(1, 64),))
     """
     flag = f"--calibration-data {spec}"
-    if ":" not in spec:
-        raise SpecError(f"{flag}: expected file.py:factory or package.module:factory")
-    where, _, attr = spec.rpartition(":")
-    try:
-        module = _import_where(where, spec)
-    except SpecError as e:
-        raise SpecError(f"{flag}: {e}") from e
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise SpecError(f"{flag}: {where!r} has no attribute {attr!r}")
+    factory = import_attr("--calibration-data", spec)
     try:
         made = factory() if callable(factory) else factory
         batches = []
@@ -176,6 +167,28 @@ def _check_batch(batch: Any, index: int, example: tuple, flag: str) -> tuple:
         if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
             raise SpecError(f"{flag}: batch {index}, input {i} is {_describe(t)}; {hint}")
     return items
+
+
+def import_attr(flag: str, spec: str) -> Any:
+    """The object ``file.py:name`` / ``pkg.module:name`` names, for the option ``flag``
+    (``SpecError`` naming the flag if the spec is malformed, the file or module is missing
+    or has no such attribute).
+
+    Example::
+
+        factory = import_attr("--train-data", "tests/digits_data.py:train_set")
+    """
+    if ":" not in spec:
+        raise SpecError(f"{flag} {spec}: expected file.py:factory or package.module:factory")
+    where, _, attr = spec.rpartition(":")
+    try:
+        module = _import_where(where, spec)
+    except SpecError as e:
+        raise SpecError(f"{flag} {spec}: {e}") from e
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise SpecError(f"{flag} {spec}: {where!r} has no attribute {attr!r}")
+    return obj
 
 
 def _import_where(where: str, spec: str) -> Any:

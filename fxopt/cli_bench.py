@@ -32,20 +32,9 @@ def _say(msg: str) -> None:
 
 
 def _factory(flag: str, spec: str) -> Any:
-    """The object ``file.py:name`` / ``pkg.module:name`` names (``SpecError`` if not)."""
-    from fxopt.cli import _import_where
+    from fxopt.cli import import_attr  # cli imports this module
 
-    if ":" not in spec:
-        raise SpecError(f"{flag} {spec}: expected file.py:name or package.module:name")
-    where, _, attr = spec.rpartition(":")
-    try:
-        module = _import_where(where, spec)
-    except SpecError as e:
-        raise SpecError(f"{flag}: {e}") from e
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise SpecError(f"{flag} {spec}: {where!r} has no attribute {attr!r}")
-    return obj
+    return import_attr(flag, spec)
 
 
 def load_metric(spec: str) -> Callable[[Any, Any], float]:

@@ -46,19 +46,10 @@ def load_dataset(spec: str, n_inputs: int, flag: str) -> Dataset:
 
     >>> ds = load_dataset("tests/digits_data.py:train_set", 1, "--train-data")  # doctest: +SKIP
     """
-    from fxopt.cli import _import_where
+    from fxopt.cli import import_attr
     from fxopt.train.data import as_dataset
 
-    if ":" not in spec:
-        raise SpecError(f"{flag} {spec}: expected file.py:factory or package.module:factory")
-    where, _, attr = spec.rpartition(":")
-    try:
-        module = _import_where(where, spec)
-    except SpecError as e:
-        raise SpecError(f"{flag}: {e}") from e
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise SpecError(f"{flag} {spec}: {where!r} has no attribute {attr!r}")
+    factory = import_attr(flag, spec)
     try:
         made = factory() if callable(factory) and not isinstance(factory, Dataset) else factory
     except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line

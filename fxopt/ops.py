@@ -39,7 +39,7 @@ from torch import nn
 
 from fxopt.errors import SpecError
 from fxopt.graph_utils import fresh_attr  # noqa: F401 - shared helper, re-exported here
-from fxopt.op_props import CATEGORY_PROPS, Category, Effects, Prop, inferred_effects, writes_input
+from fxopt.op_props import CATEGORY_PROPS, Category, Effects, Prop
 
 OPAQUE = "opaque"
 
@@ -577,43 +577,8 @@ def kinds_with(prop: Prop) -> frozenset[str]:
     return frozenset(e.kind for e in OP_TABLE if prop in e.props)
 
 
-def effects(node: fx.Node) -> Effects:
-    """What running ``node`` does besides computing its result: the op table's word for a
-    tabled op, ATen's for other torch ops (``fxopt.op_props.inferred_effects``), and
-    ``UNKNOWN`` for what neither describes. Graph inputs and outputs are ``SIDE_EFFECT``.
-
-    Example::
-
-        dead = [n for n in gm.graph.nodes if not n.users and effects(n).removable_if_unused]
-    """
-    if node.op in ("placeholder", "output"):
-        return Effects.SIDE_EFFECT
-    if node.op == "get_attr":
-        return Effects.PURE
-    entry, _ = lookup(node)
-    if entry is None:
-        return inferred_effects(node)
-    found = entry.effects
-    if Prop.MAY_ALIAS in entry.props:
-        found |= Effects.ALIAS
-    return found | (Effects.INPLACE if writes_input(node) else Effects.PURE)
-
-
-def is_pure(node: fx.Node) -> bool:
-    """``effects(node).pure``: False for random, in-place, checking and unknown ops."""
-    return effects(node).pure
-
-
-def is_inplace(node: fx.Node) -> bool:
-    """True if ``node`` writes into one of its inputs (``x.add_(1)``, ``F.relu(x, inplace=True)``,
-    ``nn.ReLU(inplace=True)``, ``aten.add_``): its result may be unused yet still matter.
-
-    Example::
-
-        [n.name for n in gm.graph.nodes if fxopt.ops.is_inplace(n)]   # ['add_']
-    """
-    return Effects.INPLACE in effects(node)
-
-
+# The effects model (what running a node does besides computing its result) has its own
+# file; it reads the table through ``lookup``, so it is imported once that exists.
 # The table itself lives in its own file; importing it fills OP_TABLE.
 from fxopt import op_table as _op_table  # noqa: E402,F401
+from fxopt.op_effects import effects, is_inplace, is_pure  # noqa: E402,F401
