@@ -49,7 +49,7 @@ from fxopt.lowering.onnx_session import (
     session_config,
     verification_configs,
 )
-from fxopt.lowering.versions import check_versions, version_note
+from fxopt.lowering.versions import check_versions, pack_outputs
 from fxopt.progress import stage
 from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, loosest, random_like_inputs
 
@@ -84,16 +84,7 @@ class OnnxArtifact(Artifact):
         check_inputs(self.input_spec, inputs, self.path.name)
         feeds = {name: _to_numpy(x, name) for name, x in zip(self.input_names, inputs)}
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
-        spec = self.manifest.get("output_spec")
-        if spec:
-            try:
-                tree = pytree.treespec_loads(spec)
-            except Exception as e:  # a treespec written by another torch's pytree
-                raise LoweringError(
-                    f"{self.path.name}: cannot read the recorded output structure ({e})"
-                    + version_note(self.manifest, VERSION_KEYS)) from e
-            return pytree.tree_unflatten(outs, tree)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return pack_outputs(outs, self.manifest, self.path.name, VERSION_KEYS)
 
     def save(self, path: str | os.PathLike) -> OnnxArtifact:
         """Write the model to ``path`` (a ``.onnx`` file or a folder) and load it from there.

@@ -65,7 +65,7 @@ from fxopt.lowering.trt_runtime import (
     make_logger,
     on_device,
 )
-from fxopt.lowering.versions import check_versions, running_fxopt
+from fxopt.lowering.versions import check_versions, pack_outputs, running_fxopt
 from fxopt.progress import Mode, bar, stage
 from fxopt.verify import Tolerance, compare_outputs, graph_tolerance, loosest
 
@@ -93,11 +93,7 @@ class TrtArtifact(Artifact):
         self.input_spec = runner.specs
 
     def __call__(self, *inputs: Any) -> Any:
-        outs = self.runner(*inputs)
-        spec = self.manifest.get("output_spec")
-        if spec:
-            return pytree.tree_unflatten(outs, pytree.treespec_loads(spec))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return pack_outputs(self.runner(*inputs), self.manifest, self.path.name)
 
     def save(self, path: str | os.PathLike) -> TrtArtifact:
         """Copy the engine and its manifest to ``path`` and load it from there.

@@ -15,12 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
-from fxopt.errors import ArtifactVersionError
+from fxopt.errors import ArtifactVersionError, LoweringError
 
 
 def running_fxopt() -> str:
@@ -101,3 +105,25 @@ def _major(v: object) -> int | None:
 def _base(v: object) -> str:
     m = re.match(r"\d+(\.\d+)*", v) if isinstance(v, str) else None
     return m.group(0) if m else "?"
+
+
+@functools.lru_cache(maxsize=64)
+def _treespec(spec: str) -> pytree.TreeSpec:
+    return pytree.treespec_loads(spec)
+
+
+def pack_outputs(outs: Sequence[Any], manifest: dict, name: str,
+                 keys: tuple[str, str] = ("fxopt", "torch")) -> Any:
+    """A runtime's flat outputs in the structure the manifest's ``output_spec`` recorded
+    (read once per spec, not per call); one output alone, or a tuple, without one. A spec
+    this torch cannot read is a ``LoweringError`` naming the writer's versions."""
+    spec = manifest.get("output_spec")
+    if not spec:
+        return outs[0] if len(outs) == 1 else tuple(outs)
+    try:
+        tree = _treespec(spec)
+    except Exception as e:  # a treespec written by another torch's pytree
+        raise LoweringError(f"{name}: cannot read the recorded output structure ({e})"
+                            + version_note(manifest, keys)) from e
+    return pytree.tree_unflatten(list(outs), tree)
+
