@@ -368,10 +368,37 @@ class SplitAxisBeforeTranspose(onnxscript_rewriter.RewriteRuleClassBase):
         return op.Transpose(op.Reshape(x, split), perm=self._perm)
 
 
+class RsqrtAsDiv(onnxscript_rewriter.RewriteRuleClassBase):
+    """``Mul(x, Reciprocal(Sqrt(v)))`` -> ``Div(x, Sqrt(v))``: ``x * rsqrt(v)`` as written
+    by RMSNorm, in the form ONNX Runtime's ``SimplifiedLayerNormFusion`` recognizes.
+
+    The exporter writes ``torch.rsqrt`` as Sqrt -> Reciprocal, and ONNX Runtime fuses
+    Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul into one ``SimplifiedLayerNormalization``
+    kernel only with the Div: written out, an RMSNorm runs 7 kernels instead of 1 (35 of
+    the 92 kernels of the zoo's GQA model). ``x / s`` and ``x * (1 / s)`` differ by at
+    most one rounding. Float types only; the Reciprocal must have no other reader.
+    """
+
+    def pattern(self, op, x, v):
+        return op.Mul(x, op.Reciprocal(op.Sqrt(v)))
+
+    def check(self, context, x, v) -> onnxscript_rewriter.MatchResult:
+        result = onnxscript_rewriter.MatchResult()
+        if x.dtype not in _FLOATS or v.dtype not in _FLOATS:
+            return result.fail("Not a float Mul.")
+        return result
+
+    def rewrite(self, op, x, v):
+        return op.Div(x, op.Sqrt(v))
+
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+
+
 # fxopt's own rules, applied after onnxscript's defaults
 RULES = onnxscript_rewriter.RewriteRuleSet(
     [SliceOfShape.rule(), ReshapeToOwnShape.rule(), BatchedLinearToGemm.rule(),
-     SplitAxisBeforeTranspose.rule()])
+     SplitAxisBeforeTranspose.rule(), *RsqrtAsDiv.rule().commute()])
 
 
 def _keep_packed_weights(node: ir.Node) -> bool | None:

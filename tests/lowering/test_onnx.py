@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from onnxscript import rewriter as onnxscript_rewriter
 
 import fxopt
 from fxopt import zoo
@@ -510,3 +511,58 @@ def test_reattach_orphaned_constants_names_them_afresh():
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     outs = session.run(None, {"x": np.arange(12, dtype=np.float32).reshape(2, 6)})
     assert [o.shape for o in outs] == [(3, 4), (4, 3)]  # each Reshape reads its own target
+
+
+class RMSNormAndReciprocal(nn.Module):
+    """An RMSNorm (``x * rsqrt(...)``) and a plain ``x * (1 / y)`` that is no rsqrt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = zoo.transformers.RMSNorm(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc(self.norm(x))
+        return h * torch.reciprocal(h.abs() + 1.0)
+
+
+def _ort_optimized_ops(path, tmp_path) -> Counter:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "ort-optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("scheme", [None, "dynamic_int8"])
+def test_rmsnorm_exports_in_the_form_ort_fuses(tmp_path, scheme):
+    torch.manual_seed(0)
+    model = RMSNormAndReciprocal().eval()
+    x = torch.randn(2, 8, 16)
+    pipeline = "default" + (f",quantize(scheme={scheme})" if scheme else "")
+    gm = fxopt.optimize(model, (x,), pipeline, mode="export").module
+    art = fxopt.lower(gm, "onnx", (x,), path=tmp_path / "m.onnx")
+    written = _op_counts(art.path)
+    # rsqrt's Reciprocal became a Div; the other reciprocal is left as written
+    assert written.get("Reciprocal") == 1 and written.get("Div") == 1
+    fused = _ort_optimized_ops(art.path, tmp_path)
+    assert fused.get("SimplifiedLayerNormalization") == 1, fused
+    assert "Sqrt" not in fused and "ReduceMean" not in fused
+    y = torch.randn(3, 8, 16)
+    with torch.no_grad():
+        report = compare_outputs(gm(y), art(y))
+    assert report.ok(), report
+
+
+def test_rsqrt_as_div_leaves_a_shared_reciprocal():
+    # the Reciprocal is read twice: rewriting one Mul would keep it and add a Div
+    x = ir.Value(name="x", shape=ir.Shape([2, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    v = ir.Value(name="v", shape=ir.Shape([2, 1]), type=ir.TensorType(ir.DataType.FLOAT))
+    sqrt = ir.node("Sqrt", [v])
+    rec = ir.node("Reciprocal", [sqrt.outputs[0]])
+    mul = ir.node("Mul", [x, rec.outputs[0]])
+    graph = ir.Graph([x, v], [mul.outputs[0], rec.outputs[0]], nodes=[sqrt, rec, mul],
+                     opset_imports={"": 18}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    onnxscript_rewriter.rewrite(model, onnx_export.RULES)
+    assert [n.op_type for n in model.graph] == ["Sqrt", "Reciprocal", "Mul"]
