@@ -135,6 +135,7 @@ def _dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches, skip,
                                    progress=ctx.options.get("progress"))
     return {"kept_float": result["kept_float"],
             "metric_before": result["metric_before"], "metric_after": result["metric_after"],
+            "requantized": result.get("requantized", []),
             "float_mac_share": float(f"{result['float_mac_share']:.4g}"),
             "sensitivity": [(name, float(f"{damage:.3g}"), macs)
                             for name, damage, macs in result["ranking"][:10]]}

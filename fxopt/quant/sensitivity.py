@@ -134,8 +134,10 @@ def dynamic_fallback(gm: fx.GraphModule, batches: Sequence[tuple], *, budget: Bu
     integer kernels compute) and its damage measured (the metric's value on the float
     outputs minus its value with that layer quantized); layers are ranked by damage per
     multiply-accumulate, and kept float down that ranking, from everything quantized,
-    until the budget holds. Returns ``{"kept_float": [...], "metric_before": m0,
-    "metric_after": m1, "ranking": [(layer, damage, macs), ...], "float_mac_share": s}``;
+    until the budget holds; then each kept layer the budget turns out not to need goes
+    back to int8 (``requantized``). Returns ``{"kept_float": [...], "metric_before": m0,
+    "metric_after": m1, "requantized": [...], "ranking": [(layer, damage, macs), ...],
+    "float_mac_share": s}``;
     pass ``skip=[*skip, *kept_float]`` to ``apply_dynamic_int8``. Raises
     QuantizationError when even all-float misses the budget.
 
@@ -166,10 +168,39 @@ def dynamic_fallback(gm: fx.GraphModule, batches: Sequence[tuple], *, budget: Bu
 
     result = _walk([names[n] for n in order], keep, lambda: probe.run_all(batches, active),
                    reference, budget, metric, progress)
+    result |= _requantize_unneeded(result, by_name, macs, active, batches, probe, reference,
+                                   budget, metric)
     total = sum(macs.values()) or 1
     kept_macs = sum(macs[by_name[name]] for name in result["kept_float"])
     return {**result, "float_mac_share": kept_macs / total,
             "ranking": [(names[n], damage[n], macs[n]) for n in order]}
+
+
+def _requantize_unneeded(result: dict, by_name: dict, macs: dict, active: set,
+                         batches: Sequence[tuple], probe: _DynamicProbe, reference: list,
+                         budget: Budget, metric: Metric) -> dict:
+    """Return to int8 each layer the walk kept float that the budget does not need.
+
+    Damage is not additive: a layer kept early for its damage alone (attention's value
+    projections in MiniLM) may add nothing once the layers kept after it are float. Each
+    kept layer, the one with the most MACs first (the most speed to win back), goes back
+    to int8 where the budget still holds without it. Returns the updated
+    ``kept_float`` / ``metric_after`` and ``requantized`` (the layers it returned)."""
+    kept, back = list(result["kept_float"]), []
+    current = result["metric_after"]
+    if len(kept) < 2:
+        return {"requantized": back}
+    for name in sorted(kept, key=lambda k: macs[by_name[k]], reverse=True):
+        active.add(by_name[name])
+        out = probe.run_all(batches, active)
+        value = metric(reference, out)
+        if _met(budget, reference, out, value):
+            kept.remove(name)
+            back.append(name)
+            current = value
+        else:
+            active.discard(by_name[name])
+    return {"kept_float": kept, "metric_after": current, "requantized": back}
 
 
 def _walk(order: list[str], keep: Callable[[str], bool], outputs: Callable[[], list],

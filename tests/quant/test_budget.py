@@ -142,3 +142,37 @@ def test_dynamic_budget_on_structured_outputs(mode):
     result = sens.dynamic_fallback(gm, [inputs], budget=1.0 - 1e-12, metric=metric)
     assert seen and all(seen)  # the probe returns what gm(*inputs) returns
     assert len(result["kept_float"]) == 3 and result["metric_after"] == pytest.approx(1.0)
+
+
+class LoudAndWide(torch.nn.Module):
+    """Two heads: ``a`` small but loud (high damage per MAC), ``b`` wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(16, 4), torch.nn.Linear(16, 64)
+        with torch.no_grad():
+            self.a.weight.mul_(20.0)
+
+    def forward(self, x):
+        return {"a": self.a(x), "b": self.b(x)}
+
+
+def test_dynamic_fallback_returns_unneeded_layers_to_int8():
+    model, inputs = LoudAndWide().eval(), (torch.randn(8, 16),)
+    gm = fxopt.optimize(model, inputs, "default").module
+
+    def b_exact(reference, outputs):  # only head b must stay float
+        return all(torch.equal(r["b"], o["b"]) for r, o in zip(reference, outputs))
+
+    result = sens.dynamic_fallback(gm, [inputs], budget=b_exact)
+    assert [name for name, *_ in result["ranking"]] == ["a", "b"]  # the walk keeps a first
+    assert result["kept_float"] == ["b"] and result["requantized"] == ["a"]
+    q = fxopt.optimize(gm, inputs, "quantize(scheme=dynamic_int8,budget=0.0)").module
+    stats_free = fxopt.optimize(gm, inputs, "quantize(scheme=dynamic_int8)").module
+    with torch.no_grad():
+        assert not torch.equal(q(*inputs)["a"], model(*inputs)["a"])
+        assert torch.equal(stats_free(*inputs)["a"], q(*inputs)["a"])
+    # a budget that needs every layer: nothing goes back
+    full = sens.dynamic_fallback(gm, [inputs], budget=1.0 - 1e-12)
+    assert sorted(full["kept_float"]) == ["a", "b"] and full["requantized"] == []
