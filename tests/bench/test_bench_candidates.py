@@ -185,3 +185,13 @@ def test_tensorrt_without_a_gpu_is_skipped_with_that_reason(tmp_path, monkeypatc
     built = build(Candidate("tensorrt-fp16", "tensorrt", "default"), model, inputs,
                   workdir=tmp_path)
     assert built.skipped and "no CUDA GPU" in built.error
+
+
+def test_compared_sessions_do_not_spin():
+    from fxopt.bench.onnx_runtime import session_options
+
+    opts = session_options(2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    spin = session_options(1, spinning=True)
+    assert spin.get_session_config_entry("session.intra_op.allow_spinning") == "1"
