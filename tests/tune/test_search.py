@@ -200,3 +200,21 @@ def test_resume_after_an_interruption_does_not_rebuild(mlp, small_space, tmp_pat
     assert rebuilt == ["onnx-int8"]  # onnx-fp32 came from the cache
     assert res.table.row("onnx-fp32")["cached"] and not res.table.row("onnx-int8")["cached"]
     assert res.table.row("onnx-fp32")["median_ms"] is not None  # reloaded and timed
+
+
+def test_a_prune_ratio_inside_the_budget_by_less_than_the_margin_is_not_taken(mlp, tmp_path):
+    model, inputs = mlp
+    space = Space(runtimes=("onnx",), quant=(), precisions=(), prune=0.5, prune_steps=2,
+                  plain=False)
+    first = fxopt.tune(model, inputs, "cosine>=0.8", space=space, rounds=1, warmup=1,
+                       cache=tmp_path)
+    c = first.table.row("prune0.125-onnx-fp32")["cosine"]
+    assert 0.8 + 0.2 * 0.2 <= c < 0.99  # the margin held at 0.8: that run pruned
+    # a budget just under c: within it, but not with 20% of its room to spare
+    budget = round(c - 0.01, 4)
+    res = fxopt.tune(model, inputs, f"cosine>={budget}", space=space, rounds=1, warmup=1,
+                     cache=tmp_path)
+    row = res.table.row("prune0.125-onnx-fp32")
+    assert row["status"] == "accepted" and row["median_ms"] is None
+    assert "margin for unseen inputs" in row["verdict"]
+    assert not res.winner.startswith("prune")
