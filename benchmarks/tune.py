@@ -257,9 +257,24 @@ def _verdict(r, plain, static, dyn, best, bestr) -> str:
                 f"best cell {best}, best/tuned {_fmt(bestr)}{_noise(bestr)}.")
     dyn_cos = rows.get("ort-quantize_dynamic", {}).get("cos_mean", float("nan"))
     ok = dyn is not None and dyn[0] > 1.0 and tuned_cos > dyn_cos
-    return (f"*{m}* (faster than ORT's quantize_dynamic at better agreement): "
+    text = (f"*{m}* (faster than ORT's quantize_dynamic at better agreement): "
             f"{'holds' if ok else 'does not hold'} — ort-dynamic/tuned {_fmt(dyn)}{_noise(dyn)}, "
             f"held-out cosine {tuned_cos:.5f} vs {dyn_cos:.5f}.")
+    cell = rows.get("ort-fxopt-dynamic_int8", {})
+    if "ms" in cell and r["pipeline"] != cell.get("pipeline"):
+        # the tuner may take pruning (or no int8) over fxopt's plain dynamic int8: say how
+        # that file alone compares with ORT's, from the same run
+        d = _ratio(rows, "ort-quantize_dynamic", "ort-fxopt-dynamic_int8")
+        same = abs(cell["cos_mean"] - dyn_cos) < 1e-7
+        text += (f" fxopt's own dynamic int8 file (ort-fxopt-dynamic_int8: every linear, no "
+                 f"pruning) vs ORT's: ort-dynamic/it {_fmt(d)}{_noise(d)}, held-out cosine "
+                 f"{cell['cos_mean']:.5f} vs {dyn_cos:.5f}"
+                 + (" (the same int8 arithmetic: per-channel weights, per-tensor "
+                    "activations)." if same else "."))
+    elif "ms" in cell and abs(cell["cos_mean"] - dyn_cos) < 1e-7:
+        text += (" The agreement is ORT's to 1e-7: the same int8 arithmetic (per-channel "
+                 "weights, per-tensor activations).")
+    return text
 
 
 def main() -> None:
