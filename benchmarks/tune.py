@@ -175,7 +175,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
     lines = [
         "## `fxopt tune`: the tuner's choice vs ONNX Runtime's peers", "",
         (f"`python benchmarks/tune.py --models M --cache DIR --threads {args.threads} --rounds "
-         f"{args.rounds}` per model (models measured concurrently on this shared machine), "
+         f"{args.rounds}` (one or more models per run, each in a fresh process), "
          "then `python benchmarks/tune.py --from-cache --cache DIR`" if args.from_cache else
          f"`python benchmarks/tune.py{' --quick' if args.quick else ''} --threads "
          f"{args.threads} --rounds {args.rounds}`") + f" — torch {torch.__version__}, onnxruntime "
@@ -193,7 +193,10 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         "Runtime on the plain `torch.onnx.export`; *ort-static* / *ort-dynamic*: ONNX "
         "Runtime's `quantize_static` (QDQ, per-channel, MinMax, the same calibration batches) "
         "/ `quantize_dynamic` of it; *best cell*: the fastest other cell of the table within "
-        "the budget on the held-out inputs. *cos*: held-out cosine with the PyTorch model, "
+        "the budget on the held-out inputs. *tune s*: the search's wall time in this run; "
+        "*built*: candidates built and judged, *(N cached)*: of them, N taken from an earlier "
+        "run's cache (the search resumes: their accuracy is not judged again, and tune s "
+        "leaves their build time out). *cos*: held-out cosine with the PyTorch model, "
         "mean / worst over the held-out batches (4 random batches; MiniLM: one batch of 8 "
         "real sentences none of the tuner saw, so mean = worst).", "",
         "| model | input | tuned (winner) | tune s | built | tuned ms | plain ms | plain/tuned "
@@ -216,7 +219,8 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         dyn = _ratio(rows, "ort-quantize_dynamic", "tuned")
         bestr = _ratio(rows, best, "tuned") if best else None
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['winner']} | {r['tune_s']:.0f} | {r['built']} "
+            f"| {r['model']} | {r['input']} | {r['winner']} | {r['tune_s']:.0f} | {r['built']}"
+            + (f" ({r['cached']} cached)" if r.get('cached') else "") + " "
             f"| {rows['tuned'].get('ms', float('nan')):.3f} | "
             f"{rows.get('ort-plain', {}).get('ms', float('nan')):.3f} | {_fmt(plain)} | "
             f"{_fmt(static)} | {_fmt(dyn)} | {best or '—'} | {_fmt(bestr)} | {cos('tuned')} | "
