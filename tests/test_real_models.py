@@ -29,11 +29,6 @@ def _hf_resnet():
     return transformers.ResNetModel(cfg), (torch.randn(2, 3, 64, 64),)
 
 
-def _hf_mobilenet_v2():
-    cfg = transformers.MobileNetV2Config(image_size=64, depth_multiplier=0.35)
-    return transformers.MobileNetV2Model(cfg), (torch.randn(2, 3, 64, 64),)
-
-
 def _hf_bert():
     cfg = transformers.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=128)
@@ -44,13 +39,19 @@ def _hf_bert():
 CASES = {
     "minilm-pretrained": _minilm,
     "hf-resnet": _hf_resnet,
-    "hf-mobilenet-v2": _hf_mobilenet_v2,
     "hf-bert": _hf_bert,
 }
+# The random-weight Hugging Face CNNs and BERT go through capture, default (no batch norm
+# left), the eager round trip and a dynamic-batch ONNX export, all at EXACT tolerance, in
+# tests/test_real_architectures.py ("resnet", "mobilenet-v2", "bert": the same classes);
+# here only what that file does not check: the pretrained encoder, and ONNX with a dynamic
+# sequence length (text models).
+RELOAD = ["minilm-pretrained"]
+ONNX_DYNAMIC_SEQ = ["hf-bert", "minilm-pretrained"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", RELOAD)
 def test_real_model_capture_optimize_lower_reload(name, tmp_path):
     torch.manual_seed(0)
     model, inputs = CASES[name]()
@@ -83,7 +84,7 @@ TEXT_MODELS = {"minilm-pretrained", "hf-bert"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", ONNX_DYNAMIC_SEQ)
 def test_real_model_exports_to_onnx_and_verifies_in_onnx_runtime(name, tmp_path):
     torch.manual_seed(0)
     model, inputs = CASES[name]()

@@ -28,9 +28,33 @@ ZOO = [(name, mode) for name in zoo.names() for mode in ("symbolic", "export")
        if not (name == "dynamic" and mode == "symbolic")]
 
 
+_OPTIMIZED: dict[tuple[str, str], tuple[fx.GraphModule, tuple]] = {}
+
+
 def _optimized(zoo_case, name: str, mode: str) -> tuple[fx.GraphModule, tuple]:
-    model, inputs, gm = zoo_case(name, mode)
-    return fxopt.optimize(gm, inputs, "default").module, inputs
+    """The zoo model's capture after ``default``, optimized once per module (tests only read
+    it: ``fxopt.lower`` never changes the graph it exports)."""
+    if (name, mode) not in _OPTIMIZED:
+        model, inputs, gm = zoo_case(name, mode)
+        _OPTIMIZED[name, mode] = fxopt.optimize(gm, inputs, "default").module, inputs
+    return _OPTIMIZED[name, mode]
+
+
+@pytest.fixture(scope="module")
+def default_export(zoo_case, tmp_path_factory):
+    """``default_export(name, mode) -> (gm, inputs, artifact)``: ``_optimized``'s graph
+    lowered with ``lower(gm, "onnx", inputs)``'s defaults (dynamo, dynamic batch), once per
+    module; several tests read the same export."""
+    folder, done = tmp_path_factory.mktemp("zoo_onnx"), {}
+
+    def get(name: str, mode: str):
+        if (name, mode) not in done:
+            gm, inputs = _optimized(zoo_case, name, mode)
+            art = fxopt.lower(gm, "onnx", inputs, path=folder / f"{name}-{mode}.onnx")
+            done[name, mode] = gm, inputs, art
+        return done[name, mode]
+
+    return get
 
 
 def _input_dims(path) -> list[list]:
@@ -68,10 +92,9 @@ class TwoHeads(nn.Module):
 
 
 @pytest.mark.parametrize("name,mode", ZOO)
-def test_zoo_export_passes_checker_and_matches_in_ort(zoo_case, fresh_inputs, tmp_path, name,
+def test_zoo_export_passes_checker_and_matches_in_ort(default_export, fresh_inputs, name,
                                                        mode):
-    gm, inputs = _optimized(zoo_case, name, mode)
-    art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / f"{name}.onnx")
+    gm, inputs, art = default_export(name, mode)
     onnx.checker.check_model(str(art.path), full_check=True)
     proto = onnx.load(str(art.path))
     opset = onnx_backend.DEFAULT_OPSET
@@ -181,10 +204,9 @@ def _op_counts(path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", ["transformer", "gqa"])
-def test_dynamic_batch_adds_no_shape_arithmetic(zoo_case, fresh_inputs, tmp_path, name):
-    gm, inputs = _optimized(zoo_case, name, "export")
+def test_dynamic_batch_adds_no_shape_arithmetic(default_export, fresh_inputs, tmp_path, name):
+    gm, inputs, dynamic = default_export(name, "export")
     fixed = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "f.onnx", dynamic=False)
-    dynamic = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "d.onnx")
     assert _input_dims(dynamic.path)[0][0] == "batch"
     counts, reference = _op_counts(dynamic.path), _op_counts(fixed.path)
     extra = {op: n - reference.get(op, 0) for op, n in counts.items()
@@ -317,15 +339,23 @@ def _corrupting(clean, how: str):
     return corrupt
 
 
+@pytest.fixture(scope="module")
+def fp16_resnet(zoo_case, tmp_path_factory):
+    """(half graph, inputs, its clean ONNX export): the zoo resnet after
+    ``default,half(dtype=fp16)``, exported once for the corruption tests below."""
+    model, inputs, gm = zoo_case("resnet", "symbolic")
+    half = fxopt.optimize(gm, inputs, "default,half(dtype=fp16)").module
+    art = fxopt.lower(half, "onnx", inputs, path=tmp_path_factory.mktemp("fp16") / "ok.onnx")
+    return half, inputs, art
+
+
 @pytest.mark.parametrize("how", ["flip", "scale"])
-def test_a_wrong_fp16_export_is_refused(zoo_case, tmp_path, monkeypatch, how):
+def test_a_wrong_fp16_export_is_refused(fp16_resnet, monkeypatch, tmp_path, how):
     """fp16 graphs are verified with the half tolerance (fxopt.verify.graph_tolerance), not
     the fp32 one; that tolerance still refuses one broken layer and writes nothing."""
     from fxopt.verify import HALF_FP16
 
-    model, inputs, gm = zoo_case("resnet", "symbolic")
-    half = fxopt.optimize(gm, inputs, "default,half(dtype=fp16)").module
-    art = fxopt.lower(half, "onnx", inputs, path=tmp_path / "ok.onnx")
+    half, inputs, art = fp16_resnet
     assert art.manifest["tolerance"] == {"rtol": HALF_FP16.rtol, "atol": HALF_FP16.atol,
                                          "min_cosine": HALF_FP16.min_cosine}
     monkeypatch.setattr(onnx_backend.onnx_export, "clean",
@@ -430,13 +460,12 @@ def test_save_to_a_folder_writes_model_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet", "shufflenet", "transformer", "gqa"])
-def test_fxopt_exports_are_tensorrt_ready(zoo_case, tmp_path, name):
-    gm, inputs = _optimized(zoo_case, name, "export")
+def test_fxopt_exports_are_tensorrt_ready(default_export, tmp_path, name):
+    gm, inputs, unbounded = default_export(name, "export")
     art = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", dim_bounds={"batch": (1, 2, 8)})
     assert art.manifest["dim_bounds"] == {"batch": [1, 2, 8]}
     for version in (10, 11):
         assert fxopt.check_trt(art.path, trt_version=version).findings == []
-    unbounded = fxopt.lower(gm, "onnx", inputs, path=tmp_path / "u.onnx")
     report = fxopt.check_trt(unbounded.path)
     assert report.ok and [f.code for f in report.findings] == ["unbounded-dynamic-dim"]
 
