@@ -57,3 +57,15 @@ def test_float_fc_leaves_the_pooled_vector_float():
     static.calibrate(gm, [(x,)])
     static.freeze(gm)
     assert gm(x).shape == (2, 4)
+
+
+def test_sensitivity_layer_of_fc_includes_the_pooled_quantizer():
+    from fxopt.quant.sensitivity import layer_quantizers
+
+    gm, _ = _prepared()
+    by_kind = {op_of(n).kind: [op_of(f.args[0]).kind for f in fqs
+                               if f.args[0].op != "get_attr"]  # not the weight's
+               for n, fqs in layer_quantizers(gm).items()}
+    # fc's input is flatten(pool_fq(...)) re-quantized: leaving fc float must drop both
+    assert sorted(by_kind["linear"]) == [
+        "adaptive_avg_pool", "flatten"]
