@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxopt.errors import QuantizationError
+from fxopt.op_props import Category
 from fxopt.ops import op_of
 from fxopt.progress import Mode, bar
 from fxopt.quant.fake_quant import FakeQuantize
@@ -64,8 +65,25 @@ def layer_quantizers(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
             continue
         feeding = [a for a in node.all_input_nodes if a.op == "call_module" and a.target in fqs]
         if feeding:
-            out[node] = feeding
+            out[node] = feeding + _requantized(feeding, fqs)
     return out
+
+
+def _requantized(feeding: list[fx.Node], fqs: set[str]) -> list[fx.Node]:
+    """The fake-quant nodes upstream of ``feeding`` through shape-only ops read by nothing
+    else (ResNet's ``pool_fq -> flatten -> flatten_fq -> fc``): the same tensor quantized
+    twice with the same range, so leaving ``fc`` float gains nothing unless both go."""
+    extra = []
+    for fq in feeding:
+        src = fq.args[0] if fq.args else None
+        while (isinstance(src, fx.Node) and src.op.startswith("call")
+               and op_of(src).category == Category.SHAPE and len(src.users) == 1):
+            src = src.args[0] if src.args else None
+            if isinstance(src, fx.Node) and src.op == "call_module" and src.target in fqs:
+                if len(src.users) == 1:
+                    extra.append(src)
+                break
+    return extra
 
 
 def sensitivity(gm: fx.GraphModule, batches: Sequence[tuple], reference: list,

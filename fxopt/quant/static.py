@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import QuantizationError
-from fxopt.op_props import Prop
+from fxopt.op_props import Category, Prop
 from fxopt.ops import fresh_attr, has_prop, op_of
 from fxopt.progress import Mode, bar
 from fxopt.quant import qdq  # noqa: F401  (registers fxopt::dequantize_int32)
@@ -105,6 +105,7 @@ def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax"
             + (f" outside skip={sorted(skip)}" if skip else "")
             + " in this graph (an integer-only model, or everything skipped)")
     weights = 0
+    chosen_set = set(chosen)
     values: dict[fx.Node, set[fx.Node] | None] = {}  # value -> consumers to rewire (None: all)
     for i, node in enumerate(chosen):
         if has_prop(node, Prop.WEIGHT_QUANT):
@@ -115,7 +116,8 @@ def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax"
                 values.setdefault(a, set()).add(node)
         if spec.quantize_outputs:
             out = _after_fused_activation(node, spec)
-            if not all(u.op == "output" for u in out.users):
+            if not all(u.op == "output" for u in out.users) and (
+                    op_of(node).kind in spec.compute or _feeds_int8(out, chosen_set, spec)):
                 values[out] = None
     if spec.residual_inputs:
         _residual_inputs(gm, chosen, values)
@@ -270,6 +272,25 @@ def _after_fused_activation(node: fx.Node, spec: Target) -> fx.Node:
     if len(users) == 1 and op_of(users[0]).kind in spec.fused_after:
         return users[0]
     return node
+
+
+def _feeds_int8(value: fx.Node, chosen: set[fx.Node], spec: Target) -> bool:
+    """Whether some reader of a shared op's output (an add, a pool) runs in int8, looking
+    through shape-only ops (a pooled map's ``flatten``). A Q/DQ on a value only float ops
+    read buys no int8 kernel and costs accuracy: the global-pool output of a ResNet-50 is
+    its single most damaging tensor (a 2048-vector of channel means with a ~100x spread
+    under one per-tensor scale), and skipping ``fc`` must remove that error too."""
+    seen, todo = set(), list(value.users)
+    while todo:
+        user = todo.pop()
+        if user in seen or user.op == "output":
+            continue
+        seen.add(user)
+        if user in chosen and (op_of(user).kind in spec.compute | spec.shared):
+            return True
+        if op_of(user).category == Category.SHAPE:
+            todo.extend(user.users)
+    return False
 
 
 def _residual_inputs(gm: fx.GraphModule, chosen: list[fx.Node],
