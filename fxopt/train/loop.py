@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import random
 import time
@@ -101,6 +102,26 @@ def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint
                             "'mse' (embeddings and other non-logit outputs)")
 
 
+def _freeze(module: nn.Module, patterns: Sequence[str] | None) -> None:
+    """Keep the parameters whose names match ``patterns`` (fnmatch) out of training."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in module.named_parameters()]
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TrainingError(f"freeze= takes parameter names or fnmatch patterns, not "
+                                f"{pattern!r}")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise TrainingError(f"freeze={pattern!r} matches no parameter of the graph; "
+                                f"its parameters: {', '.join(names[:12])}"
+                                f"{' ...' if len(names) > 12 else ''}")
+    for name, p in module.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            p.requires_grad_(False)
+
+
 def _first_batch(ds, n: int) -> Any:
     return default_collate([ds[i] for i in range(min(n, len(ds)))])
 
@@ -163,7 +184,8 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
              features: Sequence[str] | Mapping[str, str] | None = None,
              feature_weight: float = 1.0, plan: Sequence[Mapping] | None = None,
              callback: Callable[[dict], None] | None = None, keep_checkpoints: int = 2,
-             loader_options: dict | None = None) -> FinetuneResult:
+             loader_options: dict | None = None,
+             freeze: Sequence[str] | None = None) -> FinetuneResult:
     """Fine-tune graph ``gm`` on ``data`` and return a :class:`FinetuneResult`.
 
     ``data`` / ``val_data``: a Dataset of item tuples (graph inputs, then an optional
@@ -181,7 +203,9 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
     are returned. ``checkpoint_dir``: a checkpoint every ``checkpoint_every`` steps (else
     each epoch) plus ``best/``; ``resume=True`` continues from the newest one (or from a
     given checkpoint folder). ``log_dir``: TensorBoard scalars. ``callback(state)`` runs
-    after every step (raising stops training; the checkpoints written stay).
+    after every step (raising stops training; the checkpoints written stay). ``freeze``:
+    parameter names or ``fnmatch`` patterns (``"*word_embeddings.weight"``) kept at their
+    values (no gradient, no optimizer state; a pattern that matches nothing is an error).
 
     Example::
 
@@ -231,6 +255,7 @@ class _Run:
         student.train()
         self.keeper = StructureKeeper.from_graph(student)
         self.module = self.keeper.prepare(student).to(self.device)
+        _freeze(self.module, args["freeze"])
         self.fingerprint = ckpt.graph_fingerprint(self.module)
 
         teacher = args["teacher"]

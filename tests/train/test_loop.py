@@ -171,3 +171,27 @@ def test_embedding_output_distilled_with_cosine_loss(tmp_path):
         finetune(pruned, x_only, teacher=encoder, output_loss="kl2",
                  checkpoint_dir=tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+def test_freeze_keeps_matching_parameters_fixed_and_trains_the_rest():
+    gm = _graph(mlp())
+    names = [n for n, _ in gm.named_parameters()]
+    first = next(n for n in names if n.endswith("weight"))
+    out = finetune(gm, TRAIN, epochs=1, lr=5e-3, batch_size=32, freeze=[first])
+    got, start = out.module.state_dict(), gm.state_dict()
+    assert torch.equal(got[first], start[first])  # exactly its value: no step, no decay
+    others = [n for n in names if n != first]
+    assert others and all(not torch.equal(got[n], start[n]) for n in others)
+    pattern = first.rsplit(".", 1)[0] + ".*"  # fnmatch: the layer's weight and bias
+    out = finetune(gm, TRAIN, epochs=1, lr=5e-3, batch_size=32, freeze=pattern,
+                   weight_decay=0.1)
+    got = out.module.state_dict()
+    assert all(torch.equal(got[n], start[n]) for n in names if n.startswith(pattern[:-1]))
+
+
+def test_freeze_pattern_matching_nothing_is_a_typed_error():
+    gm = _graph(mlp())
+    with pytest.raises(TrainingError, match="matches no parameter"):
+        finetune(gm, TRAIN, epochs=1, freeze=["*word_embeddings.weight"])
+    with pytest.raises(TrainingError, match="fnmatch"):
+        finetune(gm, TRAIN, epochs=1, freeze=[3])
