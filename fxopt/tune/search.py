@@ -328,10 +328,10 @@ class Search:
         fallback keeps the same margin."""
         if trial.status != "accepted":
             return False
-        if self.budget.headroom(HELD_OUT_HEADROOM).check(trial.values).ok:
+        margin = self.budget.headroom(HELD_OUT_HEADROOM)
+        if margin.check(trial.values).ok:
             return True
-        tight = self.budget.headroom(HELD_OUT_HEADROOM).describe()
-        trial.verdict = (f"not timed: within the budget, but pruning must meet {tight} "
+        trial.verdict = (f"not timed: within the budget, but pruning must meet {margin.describe()} "
                          "(a margin for unseen inputs)")
         return False
 

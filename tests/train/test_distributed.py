@@ -119,14 +119,21 @@ def test_bad_backend_and_env_are_typed(monkeypatch):
 
 
 # --------------------------------------------------------------------------- torchrun
-def test_two_processes_reach_the_one_process_weights(tmp_path):
-    one = run_bounded([sys.executable, str(WORKER), "train", str(tmp_path / "one.safetensors")],
+def _one_and_two_processes(tmp_path, mode: str):
+    """Run the worker's ``mode`` in one process and under a 2-process torchrun; return both
+    completed processes and the weights each wrote (same keys, not empty)."""
+    one = run_bounded([sys.executable, str(WORKER), mode, str(tmp_path / "one.safetensors")],
                       cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, str(WORKER), "train", str(tmp_path / "two.safetensors"), cwd=tmp_path)
+    two = torchrun(2, str(WORKER), mode, str(tmp_path / "two.safetensors"), cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert a.keys() == b.keys() and a
+    return one, two, a, b
+
+
+def test_two_processes_reach_the_one_process_weights(tmp_path):
+    one, two, a, b = _one_and_two_processes(tmp_path, "train")
     untrained = {k: v for k, v in _initial().items()}
     for k in a:
         assert not torch.equal(a[k], untrained[k])  # it trained
@@ -139,13 +146,7 @@ def test_two_processes_reach_the_one_process_weights(tmp_path):
 
 def test_finetune_two_processes_match_one(tmp_path):
     """The real loop (fxopt.finetune with a teacher, masks, validation) under torchrun."""
-    one = run_bounded([sys.executable, str(WORKER), "finetune", str(tmp_path / "one.st")],
-                      cwd=tmp_path)
-    assert one.returncode == 0, one.stderr
-    two = torchrun(2, str(WORKER), "finetune", str(tmp_path / "two.st"), cwd=tmp_path)
-    assert two.returncode == 0, two.stderr
-    a, b = load_file(tmp_path / "one.st"), load_file(tmp_path / "two.st")
-    assert a.keys() == b.keys() and a
+    one, two, a, b = _one_and_two_processes(tmp_path, "finetune")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
         if k.endswith("weight"):
