@@ -45,6 +45,7 @@ def quantize(
     budget: Budget | None = None,
     metric: Any = None,
     probe_batches: int = 8,
+    smooth: float | str | None = None,
 ) -> PassResult:
     """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize).
 
@@ -53,9 +54,23 @@ def quantize(
     callable ``budget(reference, outputs) -> bool``, on the example inputs and up to
     ``probe_batches`` calibration batches; the layers that hurt most (int8: by sensitivity;
     dynamic_int8: by damage per MAC) stay float until it holds, listed in the stats as
-    ``kept_float``. Verification uses ``tolerance=`` like every other pass."""
+    ``kept_float``. Verification uses ``tolerance=`` like every other pass.
+
+    ``smooth`` (``dynamic_int8`` only): SmoothQuant-style migration of activation range into
+    the weights, folded exactly into the norm (or constant multiply) that feeds the linears
+    (``fxopt.quant.smooth``): an alpha in [0, 1], or ``"auto"`` to measure per group on the
+    example inputs and calibration batches (up to ``max_batches``, default 16) and keep only
+    what lowers the error there; stats ``smoothed`` / ``smooth_refused``."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if smooth is not None and scheme != "dynamic_int8":
+        raise QuantizationError(
+            f"smooth= works with scheme=dynamic_int8, not {scheme}; drop smooth= or use "
+            "scheme=dynamic_int8")
+    if smooth is not None:
+        from fxopt.quant.smooth import check_alpha
+
+        check_alpha(smooth)
     if budget is not None and scheme not in ("int8", "dynamic_int8"):
         raise QuantizationError(
             f"budget= works with scheme=int8 and scheme=dynamic_int8, not {scheme}; choose "
@@ -85,9 +100,16 @@ def quantize(
         from fxopt.quant.dynamic import apply_dynamic_int8
 
         kept: dict = {}
+        if smooth is not None:
+            from fxopt.quant.smooth import smooth_for_dynamic_int8
+
+            done = smooth_for_dynamic_int8(
+                gm, _probe_batches(ctx, data, 16 if max_batches is None else max_batches),
+                alpha=smooth, skip=skip, per_channel=per_channel)
+            kept.update(smoothed=done["smoothed"], smooth_refused=done["refused"])
         if budget is not None:
-            kept = _dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches, skip,
-                                      per_channel)
+            kept.update(_dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches,
+                                           skip, per_channel))
         stats = apply_dynamic_int8(gm, skip=skip + kept.get("kept_float", []),
                                    per_channel=per_channel)
         stats.update(kept)
