@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Collection
 
 import torch
@@ -148,6 +149,7 @@ def apply_dynamic_int8(
     per_channel: bool = True,
     only: Collection[str] | None = None,
     reduce_range: bool = False,
+    fuse: bool = True,
 ) -> dict:
     """Quantize, in place, every linear layer of ``gm`` with a constant weight (and every
     ``x @ W`` with a constant 2-D ``W``) to dynamic int8; returns what it did.
@@ -161,7 +163,13 @@ def apply_dynamic_int8(
     reduce_range=True)``: on x86 CPUs without VNNI, ORT's uint8 x int8 kernel adds products
     in pairs in 16 bits, which can saturate with full-range weights; 7-bit weights cannot.
 
-    Stats: ``quantized`` (layer names), ``skipped`` (``{"layer", "reason"}``),
+    ``fuse`` joins layers that read the same input (q / k / v after one norm, an MLP's
+    gate and up projections) into one int8 matmul and a split: their per-channel weights
+    and scales side by side, one run-time quantization of the shared input instead of one
+    per layer, and outputs bit for bit those of the separate layers (listed in ``fused``).
+
+    Stats: ``quantized`` (layer names), ``skipped`` (``{"layer", "reason"}``), ``fused``
+    (lists of layer names that share one int8 matmul),
     ``weight_bytes_before`` (float weights of the quantized layers) and
     ``weight_bytes_after`` (int8 weights + scales + float weights still held elsewhere).
 
@@ -181,6 +189,7 @@ def apply_dynamic_int8(
     before = after = 0
     replaced: list[torch.Tensor] = []
     shared: dict[tuple, str] = {}  # one int8 copy of a weight that several layers read
+    chosen: dict[fx.Node, list[tuple]] = {}  # input -> (layer, weight, bias), graph order
     for node in list(gm.graph.nodes):
         found = _candidate(node)
         if found is None:
@@ -194,15 +203,30 @@ def apply_dynamic_int8(
         if reason is not None:
             skipped.append({"layer": name, "reason": reason})
             continue
-        key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), *weight.stride())
-        if key not in shared:
-            q, scale = quantize_weight(weight, per_channel, reduce_range)
-            shared[key] = _store(gm, f"{node.name}_int8", q.t().contiguous(), scale)
-            before += weight.numel() * weight.element_size()
-            after += q.numel() + scale.numel() * 4
-            replaced.append(weight)
-        _rewrite(gm, node, x, shared[key], bias)
+        chosen.setdefault(x, []).append((node, weight, bias))
         quantized.append(name)
+    fused: list[list[str]] = []
+    for x, members in chosen.items():
+        if fuse and len(members) > 1 and _fusable(members):
+            q, scale, bias = _joined(members, per_channel, reduce_range)
+            before += sum(w.numel() * w.element_size() for _, w, _ in members)
+            after += q.numel() + scale.numel() * 4
+            replaced.extend(w for _, w, _ in members)
+            base = _store(gm, f"{members[0][0].name}_fused_int8", q.t().contiguous(), scale)
+            _rewrite_fused(gm, [m[0] for m in members], x, base, bias,
+                           [w.shape[0] for _, w, _ in members])
+            fused.append([layer_name(m[0]) for m in members])
+            continue
+        for node, weight, bias in members:
+            key = (weight.untyped_storage().data_ptr(), weight.storage_offset(),
+                   *weight.stride())
+            if key not in shared:
+                q, scale = quantize_weight(weight, per_channel, reduce_range)
+                shared[key] = _store(gm, f"{node.name}_int8", q.t().contiguous(), scale)
+                before += weight.numel() * weight.element_size()
+                after += q.numel() + scale.numel() * 4
+                replaced.append(weight)
+            _rewrite(gm, node, x, shared[key], bias)
     if not quantized:
         why = "; ".join(f"{s['layer']}: {s['reason']}" for s in skipped) or "no linear layers"
         raise QuantizationError(
@@ -215,6 +239,7 @@ def apply_dynamic_int8(
     return {
         "quantized": quantized,
         "skipped": skipped,
+        "fused": fused,
         "weight_bytes_before": before,
         "weight_bytes_after": after,
     }
@@ -279,6 +304,92 @@ def _candidate(node: fx.Node):
     elif x.meta.get("dtype", torch.float32) != torch.float32:
         reason = f"the input is {x.meta['dtype']}; dynamic int8 takes float32 activations"
     return x, weight, bias, reason
+
+
+def _fusable(members: list[tuple]) -> bool:
+    """Layers that can share one int8 matmul: no bias computed in the graph, and no module
+    called from elsewhere (its other calls would lose their weight)."""
+    for node, _, bias in members:
+        if isinstance(bias, fx.Node) and bias.op != "get_attr":
+            return False
+        if node.op == "call_module":
+            calls = [n for n in node.graph.nodes
+                     if n.op == "call_module" and n.target == node.target]
+            if len(calls) > 1:
+                return False
+    return True
+
+
+def _joined(members: list[tuple], per_channel: bool, reduce_range: bool):
+    """Int8 weights ``[sum out, in]``, per-output-channel scales and the bias (zeros where
+    a layer has none, None where none has one) of ``members`` side by side."""
+    qs, scales, biases = [], [], []
+    for node, weight, bias in members:
+        if isinstance(bias, fx.Node):  # a get_attr (checked by _fusable)
+            bias = fetch_attr(node.graph.owning_module, str(bias.target))
+        q, scale = quantize_weight(weight, per_channel, reduce_range)
+        qs.append(q)
+        scales.append(scale.expand(weight.shape[0]))  # a per-tensor scale, per channel
+        biases.append(None if bias is None else bias.detach().float())
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([torch.zeros(q.shape[0]) if b is None else b
+                          for q, b in zip(qs, biases)])
+    return torch.cat(qs), torch.cat(scales).contiguous(), bias
+
+
+def _rewrite_fused(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node, base: str,
+                   bias: torch.Tensor | None, sizes: list[int]) -> None:
+    """One dynamic int8 op for ``nodes`` (all reading ``x``), then a split into their
+    outputs."""
+    graph = gm.graph
+    paths = [n.meta.get("fxopt_module_path") or layer_name(n) for n in nodes]
+    with graph.inserting_before(nodes[0]):
+        w_node, s_node = graph.get_attr(f"{base}_weight"), graph.get_attr(f"{base}_scale")
+        b_node = None
+        if bias is not None:
+            b_name = fresh_attr(gm, f"{base}_bias", "")
+            gm.register_buffer(b_name, bias)
+            b_node = graph.get_attr(b_name)
+        new = graph.create_node("call_function", OP, (x, w_node, s_node, b_node),
+                                name=f"{nodes[0].name}_fused_int8")
+        parts = graph.create_node("call_function", torch.ops.aten.split_with_sizes.default,
+                                  (new, sizes, -1), name=f"{nodes[0].name}_fused_split")
+    shape = nodes[0].meta.get("shape")
+    new.meta.update(nodes[0].meta)
+    new.meta["fxopt_module_path"] = _common_path(paths)
+    if isinstance(shape, (tuple, torch.Size)):
+        new.meta["shape"] = (*tuple(shape)[:-1], sum(sizes))
+    parts.meta["fxopt_module_path"] = new.meta["fxopt_module_path"]
+    for extra in (w_node, s_node, b_node):
+        if extra is not None:
+            extra.meta["fxopt_module_path"] = new.meta["fxopt_module_path"]
+    for i, node in enumerate(nodes):
+        with graph.inserting_after(parts):
+            piece = graph.call_function(operator.getitem, (parts, i))
+        piece.meta.update(node.meta)
+        view = op_of(node)
+        old_weight = view.param_node("weight") if view.kind == "linear" else view.arg("other")
+        old_bias = view.param_node("bias") if view.kind == "linear" else None
+        node.replace_all_uses_with(piece)
+        graph.erase_node(node)
+        if node.op == "call_module":
+            _drop_if_unused(gm, str(node.target), module=True)
+        for old in (old_weight, old_bias):
+            if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+                graph.erase_node(old)
+                _drop_if_unused(gm, str(old.target), module=False)
+
+
+def _common_path(paths: list[str]) -> str:
+    """``blocks.0.attn`` for ``blocks.0.attn.q_proj`` / ``.k_proj`` / ``.v_proj``."""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or "+".join(paths)
 
 
 def _store(gm: fx.GraphModule, base: str, w_t: torch.Tensor, scale: torch.Tensor) -> str:
