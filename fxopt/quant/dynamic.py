@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Collection
 
 import torch
@@ -206,8 +207,11 @@ def apply_dynamic_int8(
         chosen.setdefault(x, []).append((node, weight, bias))
         quantized.append(name)
     fused: list[list[str]] = []
+    uses = Counter(_weight_key(w) for members in chosen.values() for _, w, _ in members)
     for x, members in chosen.items():
-        if fuse and len(members) > 1 and _fusable(members):
+        # a weight tied to another layer keeps its one shared int8 copy instead
+        if (fuse and len(members) > 1 and _fusable(members)
+                and all(uses[_weight_key(w)] == 1 for _, w, _ in members)):
             q, scale, bias = _joined(members, per_channel, reduce_range)
             before += sum(w.numel() * w.element_size() for _, w, _ in members)
             after += q.numel() + scale.numel() * 4
@@ -218,8 +222,7 @@ def apply_dynamic_int8(
             fused.append([layer_name(m[0]) for m in members])
             continue
         for node, weight, bias in members:
-            key = (weight.untyped_storage().data_ptr(), weight.storage_offset(),
-                   *weight.stride())
+            key = _weight_key(weight)
             if key not in shared:
                 q, scale = quantize_weight(weight, per_channel, reduce_range)
                 shared[key] = _store(gm, f"{node.name}_int8", q.t().contiguous(), scale)
@@ -304,6 +307,10 @@ def _candidate(node: fx.Node):
     elif x.meta.get("dtype", torch.float32) != torch.float32:
         reason = f"the input is {x.meta['dtype']}; dynamic int8 takes float32 activations"
     return x, weight, bias, reason
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return (weight.untyped_storage().data_ptr(), weight.storage_offset(), *weight.stride())
 
 
 def _fusable(members: list[tuple]) -> bool:

@@ -177,7 +177,10 @@ def test_zoo_all_linears_quantized_accurate_and_exported(name, mode, tmp_path):
 
     gm.graph.lint()
     kinds = count_kinds(gm)
-    assert kinds["linear"] == 0 and kinds["dynamic_int8_linear"] == linears
+    # gqa's q/k/v read one input: each triple shares one int8 matmul
+    assert [len(g) for g in stats["fused"]] == ([3, 3] if name == "gqa" else [])
+    int8_ops = linears - sum(len(g) - 1 for g in stats["fused"])
+    assert kinds["linear"] == 0 and kinds["dynamic_int8_linear"] == int8_ops
     assert len(stats["quantized"]) == linears
     assert fxopt.inspect(gm).macs == macs  # the op table knows the new op
     attention = [s for s in stats["skipped"] if "MultiheadAttention" in s["reason"]]
@@ -195,10 +198,39 @@ def test_zoo_all_linears_quantized_accurate_and_exported(name, mode, tmp_path):
     art = fxopt.lower(gm, "onnx", inputs, path=path, dynamic=mode == "export")
     assert art.manifest["exporter"] == "dynamo"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    assert ops["MatMulInteger"] == linears  # layers reading one input share its quantization
-    assert 0 < ops["DynamicQuantizeLinear"] <= linears
+    assert ops["MatMulInteger"] == int8_ops
+    assert 0 < ops["DynamicQuantizeLinear"] <= int8_ops
     optimized = _optimized_ort_ops(path, tmp_path)
-    assert sum(optimized[k] for k in INTEGER_KERNELS) == linears, optimized
+    assert sum(optimized[k] for k in INTEGER_KERNELS) == int8_ops, optimized
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_fused_projections_compute_what_separate_layers_compute(mode, tmp_path):
+    gm, inputs = _case("gqa", mode)
+    apart = copy.deepcopy(gm)
+    assert apply_dynamic_int8(apart, fuse=False)["fused"] == []
+    stats = apply_dynamic_int8(gm, skip=["blocks.1.attn.q_proj"])
+    gm.graph.lint()
+    assert stats["fused"] == [["blocks.0.attn.q_proj", "blocks.0.attn.k_proj",
+                               "blocks.0.attn.v_proj"],
+                              ["blocks.1.attn.k_proj", "blocks.1.attn.v_proj"]]
+    assert count_kinds(gm)["linear"] == 1  # the skipped q_proj
+    joined = next(n for n in gm.graph.nodes if n.target is OP)
+    assert fetch_attr(gm, joined.args[1].target).shape == (64, 64 + 32 + 32)
+    assert joined.meta["fxopt_module_path"] == "blocks.0.attn"
+    apart = _case("gqa", mode)[0]
+    apply_dynamic_int8(apart, skip=["blocks.1.attn.q_proj"], fuse=False)
+    for seed in (3, 4):
+        x = (torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(seed)),)
+        with torch.no_grad():
+            assert torch.equal(gm(*x), apart(*x))  # bit for bit
+    per_tensor = _case("gqa", mode)[0]
+    apply_dynamic_int8(per_tensor, per_channel=False)  # scales differ per fused layer
+    ref = _case("gqa", mode)[0]
+    apply_dynamic_int8(ref, per_channel=False, fuse=False)
+    with torch.no_grad():
+        assert torch.equal(per_tensor(*inputs), ref(*inputs))
+    fxopt.lower(gm, "onnx", inputs, path=tmp_path / "m.onnx", dynamic=mode == "export")
 
 
 def test_skip_pattern_keeps_matching_layers_float():
@@ -355,7 +387,7 @@ def test_eager_artifact_round_trip(tmp_path):
     apply_dynamic_int8(gm)
     fxopt.lower(gm, "eager", inputs, path=tmp_path / "model")
     art = fxopt.load(tmp_path / "model")
-    assert sum(n.target is OP for n in art.module.graph.nodes) == 13
+    assert sum(n.target is OP for n in art.module.graph.nodes) == 9  # 13 layers: q/k/v share one op
     assert torch.equal(art(*inputs), gm(*inputs))
 
 
