@@ -34,6 +34,7 @@ PIPELINES: dict[str, list[str]] = {
         "fold_bn",  # conv/linear + batch norm (and per-channel affine) -> one op
         "cse",  # merge identical pure nodes
         "simplify",  # rules: layout pairs, reshape chains, cat/split, linear chains, activations
+        "slice_packed_projections",  # MHA's packed q/k/v split: three slices, not a transpose
         "cleanup",  # remove what the folds and rules left dead
         "flatten_modules",  # one attribute lookup per module/weight in the generated code
     ],

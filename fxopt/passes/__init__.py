@@ -1,6 +1,7 @@
 """Built-in passes; importing this package registers them."""
 
 from fxopt.passes import (  # noqa: F401
+    attention,
     builtin_rules,
     cleanup,
     constants,
