@@ -46,6 +46,7 @@ def quantize(
     metric: Any = None,
     probe_batches: int = 8,
     smooth: float | str | None = None,
+    fuse: bool | None = None,
 ) -> PassResult:
     """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize).
 
@@ -60,7 +61,9 @@ def quantize(
     the weights, folded exactly into the norm (or constant multiply) that feeds the linears
     (``fxopt.quant.smooth``): an alpha in [0, 1], or ``"auto"`` to measure per group on the
     example inputs and calibration batches (up to ``max_batches``, default 16) and keep only
-    what lowers the error there; stats ``smoothed`` / ``smooth_refused``."""
+    what lowers the error there; stats ``smoothed`` / ``smooth_refused``. ``fuse``
+    (``dynamic_int8``): join layers that read one input into one int8 matmul (see
+    ``fxopt.quant.dynamic.apply_dynamic_int8``; None: where the layers are small)."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     if smooth is not None and scheme != "dynamic_int8":
@@ -111,7 +114,7 @@ def quantize(
             kept.update(_dynamic_fall_back(gm, ctx, data, budget, metric, probe_batches,
                                            skip, per_channel))
         stats = apply_dynamic_int8(gm, skip=skip + kept.get("kept_float", []),
-                                   per_channel=per_channel)
+                                   per_channel=per_channel, fuse=fuse)
         stats.update(kept)
     else:
         from fxopt.quant.weight_only import apply_weight_only

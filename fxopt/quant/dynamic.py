@@ -38,6 +38,8 @@ from fxopt.quant.select import layer_name, matches
 # in TF32 / bf16, so float64 it is.
 _EXACT_F32 = 2**24
 _FLOAT = 1  # onnx.TensorProto.FLOAT
+# apply_dynamic_int8(fuse=None) joins layers only up to this many output values per call
+FUSE_MAX_ELEMENTS = 2**16
 
 
 # --------------------------------------------------------------------------- kernels
@@ -150,7 +152,7 @@ def apply_dynamic_int8(
     per_channel: bool = True,
     only: Collection[str] | None = None,
     reduce_range: bool = False,
-    fuse: bool = True,
+    fuse: bool | None = None,
 ) -> dict:
     """Quantize, in place, every linear layer of ``gm`` with a constant weight (and every
     ``x @ W`` with a constant 2-D ``W``) to dynamic int8; returns what it did.
@@ -166,8 +168,12 @@ def apply_dynamic_int8(
 
     ``fuse`` joins layers that read the same input (q / k / v after one norm, an MLP's
     gate and up projections) into one int8 matmul and a split: their per-channel weights
-    and scales side by side, one run-time quantization of the shared input instead of one
-    per layer, and outputs bit for bit those of the separate layers (listed in ``fused``).
+    and scales side by side, one int8 kernel instead of one per layer, and outputs bit for
+    bit those of the separate layers (listed in ``fused``). ``None`` (the default) fuses
+    where the joined output at the captured shapes has at most ``FUSE_MAX_ELEMENTS``
+    values: there fewer kernel calls pay (zoo gqa, 4 K values: ONNX Runtime 7-10% faster),
+    while on big layers the split's copy costs more than they save (all-MiniLM-L6-v2's
+    q/k/v, 590 K values: 4% slower); ``True`` / ``False``: always / never.
 
     Stats: ``quantized`` (layer names), ``skipped`` (``{"layer", "reason"}``), ``fused``
     (lists of layer names that share one int8 matmul),
@@ -210,8 +216,9 @@ def apply_dynamic_int8(
     uses = Counter(_weight_key(w) for members in chosen.values() for _, w, _ in members)
     for x, members in chosen.items():
         # a weight tied to another layer keeps its one shared int8 copy instead
-        if (fuse and len(members) > 1 and _fusable(members)
-                and all(uses[_weight_key(w)] == 1 for _, w, _ in members)):
+        if (fuse is not False and len(members) > 1 and _fusable(members)
+                and all(uses[_weight_key(w)] == 1 for _, w, _ in members)
+                and (fuse or _small(members))):
             q, scale, bias = _joined(members, per_channel, reduce_range)
             before += sum(w.numel() * w.element_size() for _, w, _ in members)
             after += q.numel() + scale.numel() * 4
@@ -307,6 +314,15 @@ def _candidate(node: fx.Node):
     elif x.meta.get("dtype", torch.float32) != torch.float32:
         reason = f"the input is {x.meta['dtype']}; dynamic int8 takes float32 activations"
     return x, weight, bias, reason
+
+
+def _small(members: list[tuple]) -> bool:
+    """The joined output at the captured shapes has at most ``FUSE_MAX_ELEMENTS`` values."""
+    shape = members[0][0].meta.get("shape")
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) for d in shape):
+        return False
+    return math.prod(shape[:-1]) * sum(w.shape[0] for _, w, _ in members) <= FUSE_MAX_ELEMENTS
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:

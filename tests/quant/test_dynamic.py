@@ -408,3 +408,15 @@ def test_eager_artifact_loads_in_a_fresh_process(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_fuse_by_default_only_where_the_joined_output_is_small():
+    from fxopt import zoo
+    from fxopt.quant.dynamic import FUSE_MAX_ELEMENTS
+
+    model, _ = zoo.load("gqa")
+    big = (torch.randn(64, 16, 64),)  # q/k/v joined: 64 * 16 rows x 128 values
+    assert 64 * 16 * 128 > FUSE_MAX_ELEMENTS
+    gm = fxopt.optimize(model, big, "default", mode="export").module
+    assert apply_dynamic_int8(copy.deepcopy(gm))["fused"] == []
+    assert len(apply_dynamic_int8(copy.deepcopy(gm), fuse=True)["fused"]) == 2
