@@ -75,7 +75,15 @@ def read_files(folder: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         saved = safetensors.torch.load_file(str(folder / "weights.safetensors"), device="cpu")
     except Exception as e:  # OSError, JSON errors, safetensors' own error type
         raise LoweringError(f"{folder}: graph.json or weights.safetensors is corrupt ({e})") from e
-    return manifest, graph_doc, saved
+    # safetensors hands out views at the file's byte offsets (8-byte aligned); oneDNN takes
+    # other code paths for unaligned weights and sums in another order (HF RegNet's SE conv
+    # differed by 1e-6): a copy into the allocator's 64-byte aligned memory computes bit for
+    # bit like the graph the artifact was written from
+    return manifest, graph_doc, {k: _aligned(v) for k, v in saved.items()}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 # --------------------------------------------------------------------------- manifest
