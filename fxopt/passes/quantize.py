@@ -47,6 +47,7 @@ def quantize(
     probe_batches: int = 8,
     smooth: float | str | None = None,
     fuse: bool | None = None,
+    keep_head: bool | str = "auto",
 ) -> PassResult:
     """Quantize with ``scheme`` for ``target`` (calibration data from fxopt.optimize).
 
@@ -63,7 +64,13 @@ def quantize(
     example inputs and calibration batches (up to ``max_batches``, default 16) and keep only
     what lowers the error there; stats ``smoothed`` / ``smooth_refused``. ``fuse``
     (``dynamic_int8``): join layers that read one input into one int8 matmul (see
-    ``fxopt.quant.dynamic.apply_dynamic_int8``; None: where the layers are small)."""
+    ``fxopt.quant.dynamic.apply_dynamic_int8``; None: where the layers are small).
+
+    ``keep_head`` (``int8`` and ``dynamic_int8``): the output head (a classifier's ``fc``,
+    an ``lm_head``: the layer whose result is the model's output) stays float; ``"auto"``
+    when it holds at most 5% of the quantized layers' multiply-accumulates, ``True``
+    always, ``False`` never (``fxopt.quant.head``); stats ``kept_head``. With a
+    ``budget``, ``"auto"`` leaves the head to the fallback, which measures every layer."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     if smooth is not None and scheme != "dynamic_int8":
@@ -80,6 +87,15 @@ def quantize(
             "the layers to leave in float with skip=[...]")
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     check_not_quantized(gm)
+    from fxopt.quant.head import check_keep_head
+
+    check_keep_head(keep_head)
+    kept_head: list[str] = []
+    if scheme in ("int8", "dynamic_int8"):
+        # with a budget, "auto" leaves the choice to the fallback: it measures every layer
+        wanted = False if budget is not None and keep_head == "auto" else keep_head
+        kept_head = _heads_kept(gm, scheme, target, skip, per_channel, wanted)
+        skip += kept_head
     shown = ctx.options.get("progress")
     data = ctx.calibration
     if data is not None and iter(data) is data:  # a one-shot iterator: keep the batches
@@ -124,7 +140,26 @@ def quantize(
                                   skip=skip)
     gm.meta.setdefault("fxopt", {})["quantized"] = {"scheme": scheme, "target": target}
     stats = {"scheme": scheme, "target": target, **stats}
+    if scheme in ("int8", "dynamic_int8"):
+        stats["kept_head"] = kept_head
     return PassResult(gm, modified=True, stats=stats)
+
+
+def _heads_kept(gm, scheme, target, skip, per_channel, keep_head) -> list[str]:
+    """Node names of the output heads ``keep_head`` leaves float (``fxopt.quant.head``)."""
+    from fxopt.quant.head import heads_to_keep
+
+    if keep_head is False:
+        return []
+    if scheme == "dynamic_int8":
+        from fxopt.quant.dynamic import candidate_layers
+
+        layers = list(candidate_layers(gm, skip=skip, per_channel=per_channel))
+    else:
+        from fxopt.quant.static import compute_layers
+
+        layers = compute_layers(gm, target, skip)
+    return heads_to_keep(gm, layers, keep_head)
 
 
 def _probe_batches(ctx: PassContext, data, probe_batches: int) -> list[tuple]:

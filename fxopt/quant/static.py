@@ -75,6 +75,18 @@ def fake_quant_modules(gm: nn.Module) -> dict[str, FakeQuantize]:
     return {p: m for p, m in gm.named_modules() if isinstance(m, FakeQuantize)}
 
 
+def compute_layers(gm: fx.GraphModule, target: str = "ort",
+                   skip: Collection[str] = ()) -> list[fx.Node]:
+    """The conv / linear / matmul nodes ``prepare`` quantizes for ``target`` (weights and
+    activation inputs), outside ``skip``."""
+    if target not in TARGETS:
+        raise QuantizationError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    compute = TARGETS[target].compute
+    return [n for n in gm.graph.nodes
+            if n.op in ("call_module", "call_function", "call_method")
+            and op_of(n).kind in compute and _is_float(n) and not matches(n, skip)]
+
+
 def prepare(gm: fx.GraphModule, target: str = "ort", *, observer: str = "minmax",
             weight_observer: str = "minmax", per_channel: bool = True,
             skip: Collection[str] = ()) -> dict[str, Any]:

@@ -64,8 +64,8 @@ def _ptq(name: str, mode: str = "symbolic", target: str = "ort") -> fx.GraphModu
         model, inputs = zoo.load(name)
         gen = torch.Generator().manual_seed(1)
         batches = [torch.randn(inputs[0].shape, generator=gen) for _ in range(3)]
-    res = fxopt.optimize(model, inputs, f"default,quantize(scheme=int8,target={target})",
-                         mode=mode, calibration=[inputs[0], *batches])
+    pipeline = f"default,quantize(scheme=int8,target={target},keep_head=false)"
+    res = fxopt.optimize(model, inputs, pipeline, mode=mode, calibration=[inputs[0], *batches])
     return res.module
 
 
