@@ -322,7 +322,8 @@ def _optimized(cand: Candidate, model: nn.Module, inputs: tuple,
         if rec.name == "finetune":
             last = rec.stats["history"][-1] if rec.stats["history"] else {}
             info["finetune"] = {"steps": rec.stats["steps"], "stop": rec.stats["stop"],
-                                "seconds": rec.seconds, "loss": last.get("loss")}
+                                "seconds": rec.seconds, "loss": last.get("loss"),
+                                "threads": torch.get_num_threads()}
     return res.module.eval()
 
 

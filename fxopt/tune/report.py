@@ -20,7 +20,7 @@ from fxopt.tune.result import TuneResult, TuneTable
 _ORDER = {"winner": 0, "accepted": 1, "over budget": 2, "failed": 3}
 
 
-def _row(t: Any) -> dict[str, Any]:
+def _row(t: Any, key: str) -> dict[str, Any]:
     return {"name": t.name, "pipeline": t.candidate.pipeline, "runtime": t.candidate.runtime,
             "status": t.status, "stage": t.stage, "cosine": t.values.get("cosine"),
             "max_rel": t.values.get("max_rel"), "metric": t.values.get("metric"),
@@ -28,7 +28,7 @@ def _row(t: Any) -> dict[str, Any]:
             "median_ms": t.median_ms, "screen_ms": t.screen_ms, "speedup": t.speedup,
             "build_s": t.build_s,
             "size_bytes": t.size_bytes, "cached": t.cached, "error": t.error,
-            "key": t.candidate.key(), "finetune": t.finetune or None, "verdict": t.verdict}
+            "key": key, "finetune": t.finetune or None, "verdict": t.verdict}
 
 
 def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneResult:
@@ -65,7 +65,7 @@ def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneRe
     trials = sorted(search.trials.values(),
                     key=lambda t: (_ORDER.get("winner" if t is winner else t.status, 4),
                                    t.median_ms if t.median_ms is not None else float("inf")))
-    rows = [_row(t) for t in trials]
+    rows = [_row(t, search.key(t.candidate)) for t in trials]
     rows += [{"name": name, "status": "skipped", "verdict": f"not tried: {why}"}
              for name, why in search.skipped]
     settings = {"budget": search.budget.describe(), "threads": threads,

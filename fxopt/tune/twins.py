@@ -161,12 +161,14 @@ def replay_config(trial: Any) -> Any:
 
 def recipe_table(trial: Any, spec: TrainSpec, threads: int) -> dict[str, Any]:
     """The recipe's ``[finetune]`` table for a twin that won. ``threads``: the intra-op
-    threads it trained with (a matmul's summation order, hence the last bits of every
-    step, depends on them: the rebuild trains with the same count)."""
+    threads it trained with, if its record does not say (a matmul's summation order,
+    hence the last bits of every step, depends on them: the rebuild trains with the same
+    count)."""
     opts = dict(trial.config.finetune)
     return {"steps": int(trial.finetune["steps"]), "lr": opts.get("lr"),
             "seed": opts.get("seed"), "output_loss": opts.get("output_loss"),
-            "batch_size": opts.get("batch_size"), "threads": threads,
+            "batch_size": opts.get("batch_size"),
+            "threads": trial.finetune.get("threads", threads),
             "time_limit": opts.get("max_time"),
             "seconds": trial.finetune.get("seconds"), "stop": trial.finetune.get("stop"),
             "samples": spec.fingerprint["samples"], "labels": spec.fingerprint["labels"],
