@@ -15,6 +15,7 @@ from fake_clock import fake_interleave  # tests/tune/fake_clock.py
 import fxopt
 from fxopt.cli import main
 from fxopt.errors import SpecError
+from fxopt.pipeline import load_recipe
 from fxopt.tune import Space
 from fxopt.tune.recipe import read_recipe
 from fxopt.tune.twins import train_spec
@@ -74,6 +75,10 @@ def test_the_recipe_replays_the_fine_tuning_exactly(tuned, mlp, tmp_path):
     assert f"max_steps={steps}" in spec["candidate"].pipeline
     assert "max_time" not in spec["candidate"].pipeline
     saved = res.save(tmp_path / "tuned")
+    # fxopt optimize --pipeline recipe.toml --train-data replays the same stage
+    assert load_recipe(saved / "recipe.toml")[-1].spec == (
+        f"finetune(epochs=None,lr=0.0001,output_loss=cosine,seed=0,batch_size=32,"
+        f"max_steps={steps})")
     art = fxopt.tune.rebuild(saved / "recipe.toml", model, inputs, path=tmp_path / "re",
                              train_data=_data(0))
     x = torch.randn(7, 64)
