@@ -26,7 +26,11 @@ Per model, in a fresh process each:
 
 Flags: ``--models a,b`` (default resnet50,mobilenet,transformer,gqa,minilm), ``--threads T``
 (default 2), ``--rounds N`` (default 10), ``--quick`` (small models, few rounds: a smoke
-test, numbers meaningless), ``--no-write``, ``--in-process``.
+test, numbers meaningless), ``--no-write``, ``--in-process``. ``--train-images N
+--train-time S``: the tuner also fine-tunes twins of its lossy candidates for S seconds
+each (``fxopt.tune(..., train_data=, train_time=)``) on N training samples drawn like the
+calibration batches from their own seed (the zoo has no real images; MiniLM: random token
+ids like its inputs), labels none: output-cosine distillation from the original model.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from fxopt.verify import cosine  # noqa: E402
 MODELS = ("resnet50", "mobilenet", "transformer", "gqa", "minilm")
 MARK = "TUNE_ROW "
 BUDGET = "cosine>=0.99"
+TRAIN_SEED = 777  # the training samples' draw (calibration: 4242, judged: 9000, held out: 501)
 
 
 class _LastHidden(torch.nn.Module):
@@ -86,6 +91,14 @@ def load(name: str):
             [(b, None) for b in case.select_batches])
 
 
+def train_data(inputs: tuple, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` samples drawn like the calibration batches (``TRAIN_SEED``), as one
+    tensor per input: ``fxopt.finetune``'s ``(X,)`` form, no labels."""
+    rows = -(-count // max(int(inputs[0].shape[0]), 1))
+    batches = calibration_batches(inputs, rows, seed=TRAIN_SEED)
+    return tuple(torch.cat([b[i] for b in batches])[:count] for i in range(len(inputs)))
+
+
 def _first(out):
     return out if isinstance(out, torch.Tensor) else next(iter(out.values()) if isinstance(
         out, dict) else iter(out))
@@ -102,11 +115,12 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
     model, inputs, held, space, held_what, judge = load(name)
     if args.quick:
         space = Space(runtimes=("onnx",), quant=("int8", "dynamic"), precisions=(), prune=0.0)
+    train = train_data(inputs, args.train_images) if args.train_images else None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
         cache = Path(args.cache) / name if args.cache else Path(tmp) / "cache"
         res = fxopt.tune(model, inputs, BUDGET, space=space, cache=cache,
-                         val_data=judge,
+                         val_data=judge, train_data=train, train_time=args.train_time,
                          rounds=args.rounds // 2 or 1, threads=args.threads,
                          say=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
         tune_s = time.perf_counter() - started
@@ -117,7 +131,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
         for c in [*cells, tuned]:
             print(f"  [{name}] building {c.name}", file=sys.stderr, flush=True)
             builts.append(build(c, model, inputs, workdir=Path(tmp) / "bench",
-                                threads=args.threads))
+                                threads=args.threads,
+                                train_data=train if c is tuned else None))
         ok = [b for b in builts if b.ok]
         cmp = interleave(ok, inputs, rounds=args.rounds, warmup=5, threads=args.threads)
         rows = {}
@@ -138,6 +153,10 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
             "built": sum(1 for r in res.table.rows if r["status"] != "skipped"),
             "cached": sum(1 for r in res.table.rows if r.get("cached")),
             "tune_cos": res.table.row(res.winner)["cosine"], "rows": rows,
+            "finetune": ({"samples": args.train_images, "seconds": args.train_time,
+                          "twins": [r["name"] for r in res.table.rows
+                                    if r["name"].endswith("+ft") or "+ft@" in r["name"]]}
+                         if train is not None else None),
             "held_what": held_what, "table": str(res.table),
             "wall_s": time.perf_counter() - started}
 
@@ -175,10 +194,12 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
     lines = [
         "## `fxopt tune`: the tuner's choice vs ONNX Runtime's peers", "",
         (f"`python benchmarks/tune.py --models M --cache DIR --threads {args.threads} --rounds "
-         f"{args.rounds}` (one or more models per run, each in a fresh process), "
+         f"{args.rounds}{_train_flags(args)}` (one or more models per run, each in a fresh "
+        "process), "
          "then `python benchmarks/tune.py --from-cache --cache DIR`" if args.from_cache else
          f"`python benchmarks/tune.py{' --quick' if args.quick else ''} --threads "
-         f"{args.threads} --rounds {args.rounds}`") + f" — torch {torch.__version__}, onnxruntime "
+         f"{args.threads} --rounds {args.rounds}{_train_flags(args)}`")
+        + f" — torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, {bs.machine()}; 1-min load average {load_before:.2f} "
         f"before, {bs.load_average():.2f} after; {seconds:.0f} s in all (each model in a "
         "fresh process).", "",
@@ -198,7 +219,11 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         "run's cache (the search resumes: their accuracy is not judged again, and tune s "
         "leaves their build time out). *cos*: held-out cosine with the PyTorch model, "
         "mean / worst over the held-out batches (4 random batches; MiniLM: one batch of 8 "
-        "real sentences none of the tuner saw, so mean = worst).", "",
+        "real sentences none of the tuner saw, so mean = worst)."
+        + (f" Fine-tuned twins (`+ft`): {args.train_images} training samples drawn like the "
+           f"calibration batches (seed {TRAIN_SEED}), {args.train_time:g} s of distillation "
+           "each (output cosine, lr 1e-4), at most 4 x that in all."
+           if args.train_images else ""), "",
         "| model | input | tuned (winner) | tune s | built | tuned ms | plain ms | plain/tuned "
         "| ort-static/tuned | ort-dynamic/tuned | best cell | best cell/tuned | tuned cos "
         "| ort-static cos | ort-dynamic cos |",
@@ -239,6 +264,11 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         lines += [f"{r['model']}:", "", "```", r["table"], "```", ""]
     lines += ["</details>"]
     return "\n".join(lines)
+
+
+def _train_flags(args: argparse.Namespace) -> str:
+    return (f" --train-images {args.train_images} --train-time {args.train_time:g}"
+            if args.train_images else "")
 
 
 def _noise(r) -> str:
@@ -291,8 +321,14 @@ def main() -> None:
                         "a rerun resumes the search, and --from-cache reports stored rows")
     parser.add_argument("--from-cache", action="store_true",
                         help="measure nothing: write the section from the rows in --cache")
+    parser.add_argument("--train-images", type=int, default=0, metavar="N",
+                        help="training samples for fine-tuned twins (with --train-time)")
+    parser.add_argument("--train-time", type=float, metavar="S",
+                        help="seconds of fine-tuning per twin (with --train-images)")
     bs.add_run_flags(parser)
     args = parser.parse_args()
+    if bool(args.train_images) != (args.train_time is not None) or args.train_images < 0:
+        parser.error("--train-images N (> 0) and --train-time S go together")
     default = ("mobilenet", "transformer") if args.quick else MODELS
     names = bs.parse_models(parser, args.models, default, MODELS)
     if args.quick:
@@ -304,6 +340,8 @@ def main() -> None:
     flags = ["--threads", str(args.threads), "--rounds", str(args.rounds)]
     flags += ["--quick"] if args.quick else []
     flags += ["--cache", args.cache] if args.cache else []
+    flags += (["--train-images", str(args.train_images), "--train-time", str(args.train_time)]
+              if args.train_images else [])
     results, unfinished = [], []
     for n in names:
         stored = Path(args.cache or ".") / f"{n}.row.json"

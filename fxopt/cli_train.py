@@ -6,6 +6,8 @@ model as teacher, and write the artifact; on one process or many under ``torchru
         --pipeline "default,prune(macs=0.5),finetune(epochs=3),quantize(scheme=int8)"
     fxopt finetune my.py:build --pipeline "default,sparsify(ratio=0.8)" \\
         --train-data my.py:train_set --val-data my.py:val_set --budget 0.97 -o out/model
+    fxopt finetune my.py:build --pipeline "default,prune(ratio=0.5)" \\
+        --train-data my.py:train_set --max-time 600 -o out/model
     torchrun --nproc-per-node 2 -m fxopt finetune my.py:build --train-data my.py:train_set \\
         --batch-size 64 --checkpoint-dir ckpt --log-dir runs/ft -o out/model
 
@@ -150,10 +152,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                                             args.random_samples)):
         if value < 1:
             raise SpecError(f"{flag} must be a positive integer, got {value}")
-    if args.epochs < 0 or (args.epochs == 0 and not stages):
+    if args.epochs is not None and (args.epochs < 0 or (args.epochs == 0 and not stages)):
         raise SpecError(f"--epochs {args.epochs}: give the epochs to train after --pipeline "
                         "(>= 1), or 0 when --pipeline's own finetune(...) stages do the "
                         "training")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SpecError(f"--max-steps is a number of optimizer steps >= 1, not {args.max_steps}")
+    if args.max_time is not None and not 0 < args.max_time < float("inf"):
+        raise SpecError(f"--max-time is a number of seconds > 0, not {args.max_time:g}")
+    limited = args.max_steps is not None or args.max_time is not None
+    epochs = args.epochs if args.epochs is not None else (None if limited else 1)
     if args.output is None and args.history_json is None:
         raise SpecError("give -o/--output (the artifact) or --history-json, or nothing is kept")
     ctx = distributed.setup(args.backend)
@@ -185,13 +193,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 print(res.report)
             staged = [{"pass": r.spec, **r.stats}
                       for r in res.report if r.name == "finetune"]
-            if not args.epochs:  # the pipeline's finetune stages did the training
+            if epochs == 0:  # the pipeline's finetune stages did the training
                 if ctx.is_main:
                     _finish(args, name, ctx, res.module, inputs, None, staged, say)
                 return 0
             out = finetune(
                 res.module, train, teacher=None if args.no_teacher else model,
-                epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                epochs=epochs, max_steps=args.max_steps, max_time=args.max_time,
+                lr=args.lr, batch_size=args.batch_size,
                 optimizer=args.optimizer, weight_decay=args.weight_decay,
                 scheduler=args.scheduler, amp=args.amp, val_data=val, metric=args.metric,
                 budget=args.budget, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
@@ -235,8 +244,9 @@ def _report(out: Any) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     best = "" if out.best_metric is None else (
         f"; best {out.metric} {out.best_metric:.4f} at epoch {out.best_epoch + 1}")
+    limit = f" (stopped: {out.stop})" if out.stop in ("max_steps", "max_time") else ""
     print(f"fine-tuned {out.steps} steps{best}"
-          f"{' (stopped early: budget met)' if out.stopped_early else ''}")
+          f"{' (stopped early: budget met)' if out.stopped_early else limit}")
 
 
 def _fmt(v: Any) -> str:
@@ -269,9 +279,14 @@ def add_parser(sub: Any, model_args: Any) -> None:
                         "[label]) items or an (X, Y) pair (default: random inputs, distilled)")
     p.add_argument("--val-data", metavar="SPEC", help="validation data, same form; a metric "
                    "is measured each epoch and the best epoch kept")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="passes over the data after --pipeline (default 1; 0 when "
-                        "--pipeline's finetune(...) stages train)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data after --pipeline (default 1, or until "
+                        "--max-steps / --max-time when given; 0 when --pipeline's "
+                        "finetune(...) stages train)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps (mid-epoch too)")
+    p.add_argument("--max-time", type=float, default=None, metavar="S",
+                   help="stop after S seconds of training (checked after each step)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="GLOBAL batch, split over torchrun processes (default 32)")

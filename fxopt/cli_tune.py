@@ -3,11 +3,17 @@
     fxopt tune resnet --budget "cosine>=0.99" -o tuned/resnet
     fxopt tune my.py:build --input-shape 1,3,224,224 --budget "max_rel<=0.05" -o tuned
     fxopt tune resnet --metric mymetrics:top1 --max-drop 0.5 --val-data mydata:val -o tuned
+    fxopt tune my.py:build --budget "cosine>=0.99" --train-data my.py:train_set \
+        --train-time 60 -o tuned
 
 Writes DIR/model.onnx (or the eager folder DIR/model), DIR/recipe.toml (rebuilds it from the
 original model: ``fxopt.tune.rebuild``), DIR/report.txt and DIR/report.json. Built
 candidates are cached in ``--cache`` (default DIR/.tune-cache): rerun the same command
-after an interruption and it resumes without rebuilding them.
+after an interruption and it resumes without rebuilding them. ``--train-data`` (a factory
+like ``--val-data``'s, returning a Dataset of ``(inputs..., [label])`` items or an ``(X, Y)``
+pair) with ``--train-time S``: the lossy candidates that miss the budget also get a twin
+fine-tuned for S seconds with the original model as teacher (``--train-total``: the cap on
+all twins, default 4 x S); a fine-tuned winner's recipe needs the same data to rebuild.
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if metric is not None and not callable(metric):
         raise SpecError(f"--metric {args.metric}: not callable")
     val = _val_data(args.val_data) if args.val_data else None
+    if (args.train_data is None) != (args.train_time is None):
+        missing = "--train-time S" if args.train_data else "--train-data SPEC"
+        raise SpecError("candidates fine-tune only with both --train-data SPEC and "
+                        f"--train-time S; add {missing}")
+    if args.train_total is not None and args.train_data is None:
+        raise SpecError("--train-total caps fine-tuning: give --train-data and --train-time too")
+    for flag, v in (("--train-time", args.train_time), ("--train-total", args.train_total)):
+        if v is not None and not (v > 0 and v != float("inf")):
+            raise SpecError(f"{flag} is a number of seconds > 0, not {v:g}")
+    train_factory = None
+    if args.train_data:
+        from fxopt.cli import import_attr
+
+        train_factory = import_attr("--train-data", args.train_data)  # fails before any work
     budget = parse_budget(args.budget, metric=metric, max_drop=args.max_drop,
                           metric_name=args.metric, val_data=val)
     try:
@@ -88,11 +108,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibration_data:
         calibration = load_calibration(args.calibration_data, inputs, args.calibration_batches)
+    train = None
+    if train_factory is not None:
+        from fxopt.cli_train import _check_items, load_dataset
+
+        train = load_dataset(args.train_data, len(inputs), "--train-data")
+        _check_items(train, inputs, "--train-data")
     _progress(f"tuning {name} under budget {budget.describe()}")
     res = fxopt.tune(model, inputs, budget, val_data=val, metric=metric,
                      calibration=calibration, space=space,
                      cache=args.cache or out / ".tune-cache", rounds=args.rounds,
-                     threads=threads[0], say=_progress)
+                     threads=threads[0], say=_progress, train_data=train,
+                     train_time=args.train_time, train_total=args.train_total)
     print(res.table)
     res.save(out)
     print(f"winner {res.winner}: wrote {out}/{'model.onnx' if res.best.kind == 'onnx' else 'model'}"
@@ -116,6 +143,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--calibration-data", metavar="SPEC",
                    help="file.py:factory or package.module:factory of calibration batches")
     p.add_argument("--calibration-batches", type=int, default=None, metavar="N")
+    p.add_argument("--train-data", metavar="pkg.mod:fn",
+                   help="factory of training data: lossy candidates also get a fine-tuned twin")
+    p.add_argument("--train-time", type=float, metavar="S",
+                   help="seconds of fine-tuning per candidate (with --train-data)")
+    p.add_argument("--train-total", type=float, metavar="S",
+                   help="cap on the fine-tuning of all candidates (default 4 x --train-time)")
     p.add_argument("--runtimes", help="comma-separated subset of eager,onnx (default both)")
     p.add_argument("--quant", help="subset of int8,int8-pt,dynamic, or none")
     p.add_argument("--precisions", help="subset of fp16,bf16, or none")

@@ -83,14 +83,15 @@ def load_recipe(path: str | os.PathLike) -> list[Pass]:
         if not name:
             raise SpecError(f"recipe {os.fspath(path)!r}: [[passes]] entry {i + 1} has no name")
         passes.append(Pass(name, **table))
-    # [lower], [calibration] and [tune] describe how ``fxopt tune`` built the artifact
-    # (fxopt/tune/recipe.py reads them); the passes are all this function returns
-    unknown = set(data) - {"pipeline", "passes", "verify", "lower", "calibration", "tune"}
+    # [lower], [calibration], [finetune] and [tune] describe how ``fxopt tune`` built the
+    # artifact (fxopt/tune/recipe.py reads them); the passes are all this function returns
+    unknown = set(data) - {"pipeline", "passes", "verify", "lower", "calibration", "finetune",
+                           "tune"}
     if unknown:
         raise SpecError(
             f"recipe {os.fspath(path)!r}: unknown key(s) {', '.join(sorted(unknown))}; "
             "use 'pipeline', '[[passes]]', '[verify]' (and a tune recipe's '[lower]', "
-            "'[calibration]', '[tune]')"
+            "'[calibration]', '[finetune]', '[tune]')"
         )
     if not passes:
         raise SpecError(f"recipe {os.fspath(path)!r} names no passes")

@@ -305,15 +305,25 @@ def _files_bytes(path: Path) -> int:
 
 
 def _optimized(cand: Candidate, model: nn.Module, inputs: tuple,
-               calibration: Sequence | None) -> torch.fx.GraphModule:
+               calibration: Sequence | None, info: dict | None = None) -> torch.fx.GraphModule:
+    """``cand``'s pipeline run on ``model``; a ``finetune`` stage trains on
+    ``info["train_data"]`` (the original model as teacher) and leaves its steps, stop
+    reason and last loss in ``info["finetune"]``."""
     import fxopt
 
     needs_data = "quantize" in (cand.pipeline or "")
     batches = None
     if needs_data:
         batches = list(calibration) if calibration is not None else calibration_batches(inputs)
+    info = {} if info is None else info
     res = fxopt.optimize(model, inputs, cand.pipeline, calibration=batches,
-                         tolerance={"approximate": LOOSE})
+                         tolerance={"approximate": LOOSE}, train_data=info.get("train_data"))
+    for rec in res.report.records:
+        if rec.name == "finetune":
+            last = rec.stats["history"][-1] if rec.stats["history"] else {}
+            info["finetune"] = {"steps": rec.stats["steps"], "stop": rec.stats["stop"],
+                                "seconds": rec.seconds, "loss": last.get("loss"),
+                                "threads": torch.get_num_threads()}
     return res.module.eval()
 
 
@@ -352,7 +362,7 @@ def _build_onnx(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
     if cand.baseline is None:
         import fxopt
 
-        gm = _optimized(cand, model, inputs, calibration)
+        gm = _optimized(cand, model, inputs, calibration, info)
         # static shapes like the plain peer's, unless asked (validation batches of
         # another size): measured at one batch, and exported in half the time
         fxopt.lower(gm, "onnx", inputs, path=path, tolerance=LOOSE,
@@ -392,17 +402,17 @@ def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
     import fxopt
 
     if cand.runtime == "torch":
-        base = _optimized(cand, model, inputs, calibration) if cand.pipeline else model
+        base = _optimized(cand, model, inputs, calibration, info) if cand.pipeline else model
         device = dict(cand.options).get("device")
         if device is not None:
             return _on_device(base, device), None, _weights_bytes(base)
         return base, None, _weights_bytes(base)
     if cand.runtime == "torch.compile":
-        base = _optimized(cand, model, inputs, calibration) if cand.pipeline else model
+        base = _optimized(cand, model, inputs, calibration, info) if cand.pipeline else model
         return torch.compile(base), None, _weights_bytes(base)
     if cand.runtime == "eager":
         path = workdir / f"{cand.name}-{cand.key()}"
-        gm = _optimized(cand, model, inputs, calibration)
+        gm = _optimized(cand, model, inputs, calibration, info)
         fxopt.lower(gm, "eager", inputs, path=path)
         return fxopt.load(path).module, path, _files_bytes(path)
     if cand.runtime == "onnx":
@@ -410,7 +420,7 @@ def _build_fn(cand: Candidate, model: nn.Module, inputs: tuple, workdir: Path,
         return fn, path, _files_bytes(path)
     # tensorrt: through fxopt's lowering target, registered by its optional backend
     path = workdir / f"{cand.name}-{cand.key()}.engine"
-    gm = _optimized(cand, model, inputs, calibration)
+    gm = _optimized(cand, model, inputs, calibration, info)
     art = fxopt.lower(gm, "tensorrt", inputs, path=path, tolerance=LOOSE,
                       **{k: v for k, v in cand.options if k not in ("threads", "dynamic_batch")})
     return art, path, _files_bytes(path)
@@ -436,12 +446,14 @@ def _on_device(module: nn.Module, device: str) -> Callable[..., Any]:
 
 def build(candidate: Candidate, model: nn.Module, inputs: Sequence[Any], *,
           workdir: str | os.PathLike, calibration: Sequence | None = None,
-          threads: int | None = None) -> Built:
+          threads: int | None = None, train_data: Any = None) -> Built:
     """Build ``candidate`` for ``model`` on ``inputs`` in ``workdir`` (files go there) and
     call it once. Never raises for a candidate that fails: ``Built.error`` holds the
     exception type and message (``Built.skipped``: its runtime is not installed).
     ``calibration``: batches for static int8 (default: ``calibration_batches(inputs)``);
-    ``threads``: ONNX Runtime intra-op threads (default: torch's current count).
+    ``threads``: ONNX Runtime intra-op threads (default: torch's current count);
+    ``train_data``: what a ``finetune(...)`` stage in the pipeline trains on (its steps and
+    stop reason land in ``Built.info["finetune"]``).
 
     Example::
 
@@ -452,7 +464,7 @@ def build(candidate: Candidate, model: nn.Module, inputs: Sequence[Any], *,
     inputs = tuple(inputs)
     workdir = Path(workdir)
     threads = threads or torch.get_num_threads()
-    info: dict = {}
+    info: dict = {"train_data": train_data} if train_data is not None else {}
     if candidate.runtime == "tensorrt":
         why = _tensorrt_missing()
         if why is not None:
@@ -473,5 +485,6 @@ def build(candidate: Candidate, model: nn.Module, inputs: Sequence[Any], *,
     build_s = time.perf_counter() - start
     if info.get("plain_reused"):
         build_s += info["plain_export_s"]  # the shared export, timed when it was made
+    info.pop("train_data", None)
     return Built(candidate, fn, build_s, size, None if path is None else str(path), error,
                  mem.peak, info=info)

@@ -31,7 +31,8 @@ def _last_plan(ctx: PassContext) -> list | None:
 
 
 @register_pass("finetune", Semantics.CHANGES)
-def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 32,
+def finetune(gm, ctx: PassContext, *, epochs: int | None = 1, max_steps: int | None = None,
+             max_time: float | None = None, lr: float = 1e-3, batch_size: int = 32,
              optimizer: str = "adamw", weight_decay: float = 0.0, scheduler: str | None = None,
              amp: str | None = None, metric: str | None = None, budget: float | None = None,
              T: float = 4.0, alpha: float = 0.5, output_loss: str = "kl",
@@ -42,7 +43,7 @@ def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_s
     """Fine-tune the graph on ``optimize(..., train_data=...)`` (validation on
     ``val_data=``), distilling from the original model (``distill=false``: labels only;
     ``output_loss=cosine`` for embedding outputs);
-    the arguments are ``fxopt.finetune``'s.
+    the arguments are ``fxopt.finetune``'s (``epochs=none,max_steps=200``: by steps).
 
     Example::
 
@@ -59,7 +60,8 @@ def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_s
     if isinstance(features, str):
         features = [features]
     try:
-        out = train(gm, ctx.train_data, teacher=teacher, epochs=epochs, lr=lr,
+        out = train(gm, ctx.train_data, teacher=teacher, epochs=epochs, max_steps=max_steps,
+                    max_time=max_time, lr=lr,
                     batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
                     scheduler=scheduler, amp=amp, val_data=ctx.val_data, metric=metric,
                     budget=budget, log_dir=log_dir, checkpoint_dir=checkpoint_dir,
@@ -72,6 +74,7 @@ def finetune(gm, ctx: PassContext, *, epochs: int = 1, lr: float = 1e-3, batch_s
     stats: dict[str, Any] = {
         "history": out.history, "best_metric": out.best_metric, "best_epoch": out.best_epoch,
         "metric": out.metric, "steps": out.steps, "stopped_early": out.stopped_early,
+        "stop": out.stop,
         "amp": out.amp, "structure": out.structure, "teacher": teacher is not None,
         "checkpoint": out.checkpoint,
     }

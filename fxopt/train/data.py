@@ -120,4 +120,31 @@ def check_inputs(inputs: tuple, specs: list[dict]) -> None:
                              f"{spec.get('dtype')}")
 
 
-__all__ = ["as_dataset", "check_inputs", "input_specs", "split_batch"]
+def fingerprint(ds: Dataset, n_inputs: int) -> dict[str, Any]:
+    """Which training data this is: ``{"sha256": hex, "samples": n, "labels": bool}``, the
+    hash over every item's tensors (dtype, shape, bytes) in order, so the same data gives
+    the same value whether it came as an ``(X, Y)`` pair, a list of tuples or a Dataset.
+
+    >>> fingerprint(as_dataset((torch.zeros(4, 2),), 1), 1)["samples"]
+    4
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    labels = False
+    for i in range(len(ds)):
+        item = ds[i]
+        item = item if isinstance(item, (tuple, list)) else (item,)
+        labels = labels or len(item) > n_inputs
+        for x in item:
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().contiguous()
+                h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+                h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes()
+                         if x.numel() else b"")
+            else:
+                h.update(repr(x).encode())
+    return {"sha256": h.hexdigest(), "samples": len(ds), "labels": labels}
+
+
+__all__ = ["as_dataset", "check_inputs", "fingerprint", "input_specs", "split_batch"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 import random
 import time
@@ -68,6 +69,7 @@ class FinetuneResult:
     best_epoch: int | None = None
     stopped_early: bool = False
     steps: int = 0
+    stop: str = "epochs"  # why training ended: epochs | budget | max_steps | max_time
     metric: str | None = None
     amp: dict = field(default_factory=dict)
     structure: dict = field(default_factory=dict)
@@ -76,9 +78,23 @@ class FinetuneResult:
 
 
 def _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every,
-                   budget, output_loss="kl") -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise TrainingError(f"epochs must be a positive integer, not {epochs!r}")
+                   budget, output_loss="kl", max_steps=None, max_time=None) -> None:
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(
+            max_steps, int) or max_steps < 1):
+        raise TrainingError(f"max_steps is a number of optimizer steps >= 1, not {max_steps!r}")
+    if max_time is not None and (isinstance(max_time, bool) or not isinstance(
+            max_time, (int, float)) or not max_time > 0 or math.isinf(max_time)):
+        raise TrainingError(f"max_time is a number of seconds > 0, not {max_time!r}")
+    if epochs is None:
+        if max_steps is None and max_time is None:
+            raise TrainingError("epochs=None trains until max_steps or max_time: give one of "
+                                "them, or a number of epochs")
+        if scheduler == "cosine" and max_steps is None:
+            raise TrainingError("scheduler='cosine' needs to know the run's length: give "
+                                "epochs or max_steps (max_time alone leaves it open)")
+    elif isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise TrainingError(f"epochs must be a positive integer (or None with max_steps / "
+                            f"max_time), not {epochs!r}")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise TrainingError(f"lr must be a positive number, not {lr!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -172,7 +188,9 @@ class _Teacher:
             return self.module(*inputs)
 
 
-def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epochs: int = 1,
+def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None,
+             epochs: int | None = 1, max_steps: int | None = None,
+             max_time: float | None = None,
              lr: float = 1e-3, batch_size: int = 32, optimizer: str | Callable = "adamw",
              weight_decay: float = 0.0, scheduler: str | Callable | None = None,
              amp: str | None = None, val_data: Any = None,
@@ -206,15 +224,26 @@ def finetune(gm: nn.Module, data: Any, *, teacher: nn.Module | None = None, epoc
     after every step (raising stops training; the checkpoints written stay). ``freeze``:
     parameter names or ``fnmatch`` patterns (``"*word_embeddings.weight"``) kept at their
     values (no gradient, no optimizer state; a pattern that matches nothing is an error).
+    ``max_steps`` / ``max_time``: stop after that many optimizer steps / seconds (wall time
+    since training started, validation included; checked after each step, so the step
+    under way finishes), even mid-epoch; ``epochs=None`` trains until one of them. The
+    partial epoch gets its history row (and validation) as a whole one does, the weights
+    returned are the best (with validation) or the last as usual, and the last row's
+    ``stop`` (and ``FinetuneResult.stop``) says why training ended: ``epochs``,
+    ``budget``, ``max_steps`` or ``max_time``. A run stopped by time is not replayable
+    step for step; record ``steps`` and replay with ``max_steps`` (same seed, same data:
+    the same weights).
 
     Example::
 
         out = fxopt.finetune(pruned, (X, Y), teacher=model, epochs=2, lr=1e-3,
                              val_data=(Xv, Yv), checkpoint_dir="ckpt", amp="bf16")
         print(out.history[-1])
+        out = fxopt.finetune(pruned, (X, Y), teacher=model, epochs=None, max_time=30)
+        out.steps, out.stop                      # e.g. (412, 'max_time')
     """
     _check_options(epochs, lr, batch_size, optimizer, scheduler, amp, checkpoint_every, budget,
-                   output_loss)
+                   output_loss, max_steps, max_time)
     if not isinstance(gm, nn.Module):
         raise TrainingError(f"finetune trains an fxopt graph (torch.fx.GraphModule), not "
                             f"{type(gm).__name__}")
@@ -289,7 +318,10 @@ class _Run:
         if not params:
             raise TrainingError("the graph has no trainable parameter")
         self.opt = _make_optimizer(args["optimizer"], params, args["lr"], args["weight_decay"])
-        total = args["epochs"] * self.steps_per_epoch
+        total = (args["epochs"] * self.steps_per_epoch if args["epochs"] is not None
+                 else args["max_steps"])
+        if args["max_steps"] is not None:
+            total = min(total, args["max_steps"])
         sched = args["scheduler"]
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
                       if sched == "cosine" else sched(self.opt) if callable(sched) else None)
@@ -342,13 +374,21 @@ class _Run:
             with torch.no_grad(), eval_mode(self.module):
                 check_teacher_outputs(self.module(*self.sample), self.teacher(*self.sample))
         state = {"epoch": 0, "batch": 0, "step": 0, "best_metric": None, "best_epoch": None,
-                 "sums": {}, "seen": 0, "seconds": 0.0, "skipped": 0}
+                 "sums": {}, "seen": 0, "seconds": 0.0, "skipped": 0, "elapsed": 0.0}
         history = self.history
         resumed_from, rng = self._resume(state, history)
+        self.clock = (time.perf_counter(), state.get("elapsed", 0.0))
         best_weights = None
         stopped = False
+        stop = "epochs"
+        epochs = (range(state["epoch"], a["epochs"]) if a["epochs"] is not None
+                  else itertools.count(state["epoch"]))
         try:
-            for epoch in range(state["epoch"], a["epochs"]):
+            for epoch in epochs:
+                limit = self._limit(state)
+                if limit is not None:  # a resumed run that had already reached it
+                    stop = limit
+                    break
                 self.sampler.set_epoch(epoch)
                 skip = state["batch"] if epoch == state["epoch"] else 0
                 if rng is not None and not skip:  # resumed at an epoch boundary
@@ -362,8 +402,9 @@ class _Run:
                     rng = None
                 if not skip:
                     state.update(sums={}, seen=0, seconds=0.0, batch=0)
-                self._epoch(epoch, it, skip, state)
+                limit = self._epoch(epoch, it, skip, state)
                 row = self._epoch_row(epoch, state)
+                partial = limit is not None and state["batch"] < self.steps_per_epoch
                 if self.val is not None:
                     row["metric"] = evaluate(self.module, self.val, n_inputs=self.n_inputs,
                                              metric=self.metric, device=self.device,
@@ -374,15 +415,27 @@ class _Run:
                                         for k, v in self.module.state_dict().items()}
                         self._save("best", state, [*history, row], keep=None)
                     self._scalar("val/metric", row["metric"], epoch + 1)
-                history.append(row)
                 self._scalar("epoch/loss", row["loss"], epoch + 1)
+                if partial:  # stopped mid-epoch: a resume continues inside this epoch
+                    if a["checkpoint_every"] is None:
+                        self._save(ckpt.step_name(state["step"]), state, history)
+                    history.append({**row, "stop": limit})
+                    stop = limit
+                    break
+                history.append(row)
                 state.update(epoch=epoch + 1, batch=0, sums={}, seen=0, seconds=0.0)
                 if a["checkpoint_every"] is None:
                     self._save(ckpt.step_name(state["step"]), state, history)
                 budget = a["budget"]
                 if budget is not None and row.get("metric", -math.inf) >= budget:
-                    stopped = epoch + 1 < a["epochs"]
+                    stopped = a["epochs"] is None or epoch + 1 < a["epochs"]
+                    stop = "budget"
                     break
+                if limit is not None:
+                    stop = limit
+                    break
+            if history:
+                history[-1]["stop"] = stop
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -399,7 +452,7 @@ class _Run:
         structure = self.keeper.describe()
         final = self.keeper.finish(self.module).to(self.home)
         meta = final.meta.setdefault("fxopt", {})
-        meta["finetune"] = {"epochs": len(history), "steps": state["step"],
+        meta["finetune"] = {"epochs": len(history), "steps": state["step"], "stop": stop,
                             "best_metric": state["best_metric"], "metric": self._metric_name()}
         where = None
         if a["checkpoint_dir"] is not None:
@@ -408,7 +461,24 @@ class _Run:
             where = str(best if best.is_dir() else last) if (best.is_dir() or last) else None
         return FinetuneResult(
             final, history, state["best_metric"], state["best_epoch"], stopped, state["step"],
-            self._metric_name(), self._amp_report(state), structure, where, resumed_from)
+            stop, self._metric_name(), self._amp_report(state), structure, where,
+            resumed_from)
+
+    def _limit(self, state: dict) -> str | None:
+        """``"max_steps"`` / ``"max_time"`` once the run has reached that limit (the time
+        decision taken on every rank alike: one rank stopping alone would hang the rest)."""
+        a = self.a
+        start, before = self.clock
+        state["elapsed"] = before + time.perf_counter() - start
+        if a["max_steps"] is not None and state["step"] >= a["max_steps"]:
+            return "max_steps"
+        if a["max_time"] is not None:
+            over = float(state["elapsed"] >= a["max_time"])
+            if self.ctx.world_size > 1:
+                over = distributed.reduce_mean(over, self.ctx)
+            if over > 0:
+                return "max_time"
+        return None
 
     def _metric_name(self) -> str | None:
         m = self.metric
@@ -421,7 +491,8 @@ class _Run:
                 "loss_scale": float(self.scaler.get_scale()) if self.scaler.is_enabled()
                 else None, "skipped_steps": state["skipped"]}
 
-    def _epoch(self, epoch: int, it, skip: int, state: dict) -> None:
+    def _epoch(self, epoch: int, it, skip: int, state: dict) -> str | None:
+        """Run the epoch's steps; the limit that stopped it early (``_limit``), if any."""
         a = self.a
         bar = fxopt.progress.bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/"
                                  f"{a['epochs']}", unit="batch",
@@ -451,6 +522,10 @@ class _Run:
                 if a["callback"] is not None:
                     a["callback"]({"epoch": epoch, "batch": b, "step": state["step"],
                                    **parts})
+                limit = self._limit(state)
+                if limit is not None:
+                    return limit
+        return None
 
     def _step(self, batch, state: dict) -> tuple[dict, int]:
         inputs, label = split_batch(batch, self.n_inputs)

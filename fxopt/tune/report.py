@@ -20,7 +20,7 @@ from fxopt.tune.result import TuneResult, TuneTable
 _ORDER = {"winner": 0, "accepted": 1, "over budget": 2, "failed": 3}
 
 
-def _row(t: Any) -> dict[str, Any]:
+def _row(t: Any, key: str) -> dict[str, Any]:
     return {"name": t.name, "pipeline": t.candidate.pipeline, "runtime": t.candidate.runtime,
             "status": t.status, "stage": t.stage, "cosine": t.values.get("cosine"),
             "max_rel": t.values.get("max_rel"), "metric": t.values.get("metric"),
@@ -28,7 +28,7 @@ def _row(t: Any) -> dict[str, Any]:
             "median_ms": t.median_ms, "screen_ms": t.screen_ms, "speedup": t.speedup,
             "build_s": t.build_s,
             "size_bytes": t.size_bytes, "cached": t.cached, "error": t.error,
-            "key": t.candidate.key(), "verdict": t.verdict}
+            "key": key, "finetune": t.finetune or None, "verdict": t.verdict}
 
 
 def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneResult:
@@ -55,11 +55,17 @@ def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneRe
                 "cosine": winner.values.get("cosine"), "max_rel": winner.values.get("max_rel"),
                 "metric": winner.values.get("metric"), "median_ms": winner.median_ms,
                 "speedup_vs_torch": winner.speedup, "threads": threads}
-    recipe = recipe_text(winner.candidate, calibration=calibration, tune=measured)
+    candidate, finetune = winner.candidate, None
+    if winner.config is not None and winner.config.finetune:
+        from fxopt.tune.twins import recipe_table, replay_config
+
+        candidate = replay_config(winner).candidate()
+        finetune = recipe_table(winner, search.train, search.threads)
+    recipe = recipe_text(candidate, calibration=calibration, tune=measured, finetune=finetune)
     trials = sorted(search.trials.values(),
                     key=lambda t: (_ORDER.get("winner" if t is winner else t.status, 4),
                                    t.median_ms if t.median_ms is not None else float("inf")))
-    rows = [_row(t) for t in trials]
+    rows = [_row(t, search.key(t.candidate)) for t in trials]
     rows += [{"name": name, "status": "skipped", "verdict": f"not tried: {why}"}
              for name, why in search.skipped]
     settings = {"budget": search.budget.describe(), "threads": threads,
@@ -68,6 +74,9 @@ def build_result(search: Any, final: Any, threads: int, *, keep: bool) -> TuneRe
                 "notes": final.ranking_notes, "winner": winner.name,
                 "runner_up": final.runner_up.name if final.runner_up else None,
                 "accuracy_batches": len(search.batches),
+                "finetune": None if search.train is None else {
+                    "train_time": search.train.seconds, "train_total": search.train.total,
+                    **search.train.fingerprint, **dict(search.train.options)},
                 "reference_metric": search.ref_metric}
     return TuneResult(best, recipe, TuneTable(rows, settings), winner.name, str(path))
 

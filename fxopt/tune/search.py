@@ -63,6 +63,7 @@ class Trial:
     speedup: float | None = None
     verdict: str = ""  # winner, or why it lost
     stage: str = ""
+    finetune: dict[str, Any] = field(default_factory=dict)  # a twin's steps, stop, seconds
 
     @property
     def name(self) -> str:
@@ -71,7 +72,8 @@ class Trial:
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "values": self.values,
                 "misses": self.check.misses if self.check else {}, "error": self.error,
-                "build_s": self.build_s, "size_bytes": self.size_bytes, "path": self.path}
+                "build_s": self.build_s, "size_bytes": self.size_bytes, "path": self.path,
+                "finetune": self.finetune}
 
 
 @dataclass
@@ -88,18 +90,20 @@ class Final:
 class Search:
     """One tuning run; see the module docstring. ``calibration``: static int8 batches
     (default: ``fxopt.bench.candidates.calibration_batches``); ``val_data``: ``(inputs,
-    target)`` batches for a metric budget, whose inputs also feed the agreement checks."""
+    target)`` batches for a metric budget, whose inputs also feed the agreement checks;
+    ``train``: a ``fxopt.tune.twins.TrainSpec`` (fine-tuned twins) or None."""
 
     def __init__(self, model: nn.Module, inputs: Sequence[Any], budget: Budget, *,
                  cache: Cache, space: Space | None = None, val_data: Any = None,
                  calibration: Sequence | None = None, rounds: int = 5, warmup: int = 3,
                  accuracy_batches: int = 3, progress: Mode = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, train: Any = None):
         self.model, self.inputs = model.eval(), tuple(inputs)
         self.budget, self.cache, self.space = budget, cache, space or Space()
         self.val = [split_batch(b) for b in val_data] if val_data is not None else None
         self.calibration = list(calibration) if calibration is not None else None
         self.rounds, self.warmup, self.progress = rounds, warmup, progress
+        self.train = train
         self.say = say or (lambda msg: None)
         self.trials: dict[str, Trial] = {}
         self.skipped: list[tuple[str, str]] = []
@@ -124,12 +128,12 @@ class Search:
             return self.trials[cand.name]
         trial = Trial(config, cand, stage=stage)
         self.trials[cand.name] = trial
-        rec = self.cache.get(cand.key())
+        rec = self.cache.get(self.key(cand))
         if rec is not None:
             self._restore(trial, rec)
         else:
             self._build_and_judge(trial)
-            self.cache.put(cand.key(), trial.record())
+            self.cache.put(self.key(cand), trial.record())
         if self._bar is not None:
             self._bar.total = max(self._bar.total or 0, len(self.trials))
             self._bar.update(1)
@@ -140,11 +144,24 @@ class Search:
                  + (" [cached]" if trial.cached else ""))
         return trial
 
+    def key(self, cand: Candidate) -> str:
+        """The cache key: the candidate's, and for a fine-tuned twin also the training
+        data's fingerprint (its time limit is in the pipeline text)."""
+        if self.train is None or "finetune(" not in (cand.pipeline or ""):
+            return cand.key()
+        import hashlib
+
+        text = f"{cand.key()}|{self.train.fingerprint['sha256']}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def _build_and_judge(self, trial: Trial) -> None:
+        twin = trial.config is not None and bool(trial.config.finetune)
         built = build(trial.candidate, self.model, self.inputs,
-                      workdir=self.cache.workdir(trial.candidate.key()),
-                      calibration=self.calibration, threads=self.threads)
+                      workdir=self.cache.workdir(self.key(trial.candidate)),
+                      calibration=self.calibration, threads=self.threads,
+                      train_data=self.train.data if twin else None)
         trial.build_s, trial.size_bytes, trial.path = built.build_s, built.size_bytes, built.path
+        trial.finetune = built.info.get("finetune", {})
         if not built.ok:
             trial.status, trial.error = "failed", built.error
             return
@@ -180,6 +197,7 @@ class Search:
         trial.values = rec.get("values", {})
         trial.build_s, trial.size_bytes, trial.path = (rec.get("build_s"),
                                                        rec.get("size_bytes"), rec.get("path"))
+        trial.finetune = rec.get("finetune") or {}
         if trial.values:
             trial.check = self.budget.check(trial.values)
             # the budget may differ from the run that wrote the record: judge again
@@ -192,7 +210,7 @@ class Search:
                 self.say(f"{trial.name}: cached artifact unusable ({e}); rebuilding")
                 trial.cached = False
                 self._build_and_judge(trial)
-                self.cache.put(trial.candidate.key(), trial.record())
+                self.cache.put(self.key(trial.candidate), trial.record())
 
     # ------------------------------------------------------------------ the search
     def run(self) -> Final:
@@ -217,6 +235,10 @@ class Search:
                 fastest = self._screen(accepted)
                 if self.space.prune > 0:
                     self._prune(fastest.config)
+            if self.train is not None:
+                from fxopt.tune.twins import run_twins
+
+                run_twins(self)
             accepted = self._accepted()
         self._bar = None
         if not accepted:
@@ -393,7 +415,7 @@ class Search:
                 config = t.config.with_(threads=n)
                 twin = Trial(config, config.candidate(), status="accepted", values=t.values,
                              check=t.check, build_s=t.build_s, size_bytes=t.size_bytes,
-                             path=t.path, cached=True, stage="threads",
+                             path=t.path, cached=True, stage="threads", finetune=t.finetune,
                              fn=load_fn(config.candidate(), t.path, n))
                 self.trials[twin.name] = twin
                 out.append(twin)
@@ -402,22 +424,29 @@ class Search:
     def _verdicts(self, winner: Trial, runner: Trial | None, remeasure: dict) -> None:
         winner.verdict = "winner"
         for t in self.trials.values():
-            if t is winner or t.verdict:
-                continue
-            if t.status == "failed":
-                t.verdict = f"failed to build: {t.error}"
-            elif t.status == "over budget":
-                t.verdict = t.check.describe() if t.check else "over budget"
-            elif t.median_ms is not None:
-                slower = t.median_ms / winner.median_ms if winner.median_ms else math.nan
-                t.verdict = f"too slow: {t.median_ms:.3f} ms, {slower:.2f}x the winner's time"
-                if t is runner and remeasure.get("tie"):
-                    t.verdict = (f"runner-up: a tie within the noise (±{remeasure['noise']:.3f}),"
-                                 f" and {winner.name} is the simpler artifact")
-                elif t is runner:
-                    r = remeasure.get("runner_time_over_winner")
-                    t.verdict = (f"runner-up, too slow: {r:.3f}x the winner's time when "
-                                 "re-measured side by side")
+            if t is not winner and not t.verdict:
+                self._verdict(t, winner, runner, remeasure)
+            if t.config is not None and t.config.finetune:
+                from fxopt.tune.twins import summary
+
+                t.verdict = f"{t.verdict}; {summary(t, self)}"
+
+    def _verdict(self, t: Trial, winner: Trial, runner: Trial | None, remeasure: dict) -> None:
+        """Why ``t`` lost (its verdict when nothing before set one)."""
+        if t.status == "failed":
+            t.verdict = f"failed to build: {t.error}"
+        elif t.status == "over budget":
+            t.verdict = t.check.describe() if t.check else "over budget"
+        elif t.median_ms is not None:
+            slower = t.median_ms / winner.median_ms if winner.median_ms else math.nan
+            t.verdict = f"too slow: {t.median_ms:.3f} ms, {slower:.2f}x the winner's time"
+            if t is runner and remeasure.get("tie"):
+                t.verdict = (f"runner-up: a tie within the noise (±{remeasure['noise']:.3f}),"
+                             f" and {winner.name} is the simpler artifact")
+            elif t is runner:
+                r = remeasure.get("runner_time_over_winner")
+                t.verdict = (f"runner-up, too slow: {r:.3f}x the winner's time when "
+                             "re-measured side by side")
 
     def _impossible(self) -> FxoptError:
         from fxopt.errors import BudgetError
@@ -435,7 +464,10 @@ class Search:
             f"no candidate meets the budget {self.budget.describe()}: the closest, "
             f"{best.name}, reaches {gaps} ({len(judged)} candidates judged, {len(failed)} "
             "failed to build); loosen the budget, pass real --calibration-data, or widen "
-            "the search (more float layers, no pruning)", best=best.name, misses=misses,
+            "the search (more float layers, no pruning"
+            + ("" if self.train is not None else ", or fine-tuned candidates: train_data= "
+               "and train_time=, --train-data and --train-time") + ")",
+            best=best.name, misses=misses,
             values=best.values)
 
 

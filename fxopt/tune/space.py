@@ -98,6 +98,10 @@ class Config:
     threads: int | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())  # quantize pass options
     baseline: str | None = None  # "plain-export": the model as given, exported plainly
+    # finetune stage options (the fine-tuned twin of a lossy config): after static int8
+    # (QAT through the fake-quant graph, frozen back to Q/DQ), before dynamic int8 (whose
+    # int8 weights cannot train), after pruning otherwise
+    finetune: tuple[tuple[str, Any], ...] = field(default=())
 
     def pipeline(self) -> str | None:
         if self.baseline is not None:
@@ -106,6 +110,9 @@ class Config:
         if self.prune > 0:
             stages.append(f"prune(ratio={self.prune:g})")
         stages.append("default")
+        ft = "finetune(" + ",".join(f"{k}={_arg(v)}" for k, v in self.finetune) + ")"
+        if self.finetune and not self.quant.startswith("int8"):
+            stages.append(ft)
         if self.quant != "none":
             args = {"int8": "scheme=int8,target=ort,per_channel=true",
                     "int8-pt": "scheme=int8,target=ort,per_channel=false",
@@ -115,6 +122,8 @@ class Config:
             for k, v in self.extra:
                 args += f",{k}={v:g}" if isinstance(v, float) else f",{k}={v}"
             stages.append(f"quantize({args})")
+        if self.finetune and self.quant.startswith("int8"):
+            stages.append(ft)
         if self.precision != "fp32":
             stages.append(f"half(dtype={self.precision})")
         return ",".join(stages)
@@ -131,6 +140,8 @@ class Config:
             name += f"+float{len(self.float_layers)}"
         if any(k == "budget" for k, _ in self.extra):
             name += "+fallback"
+        if self.finetune:
+            name += "+ft"
         if self.prune > 0:
             name = f"prune{self.prune:g}-{name}"
         if self.threads is not None:
@@ -153,10 +164,17 @@ class Config:
         if self.baseline is not None:
             return 0  # no pass at all
         return 1 + (self.prune > 0) + (self.quant != "none") + (self.precision != "fp32") \
-            + len(self.float_layers) / 100 + (self.runtime == "onnx") / 1000
+            + bool(self.finetune) + len(self.float_layers) / 100 + (self.runtime == "onnx") / 1000
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
+
+
+def _arg(v: Any) -> str:
+    """A finetune stage argument as pipeline spec text."""
+    if v is None or isinstance(v, bool):
+        return {None: "none", True: "true", False: "false"}[v]
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _quote(name: str) -> str:

@@ -51,6 +51,16 @@ def test_random_data_smoke_on_a_zoo_model(tmp_path, capsys):
     assert (tmp_path / "m.onnx").is_file()
 
 
+def test_max_steps_stops_the_cli_run(tmp_path, capsys):
+    rc = main(["finetune", f"{DIGITS}:model", "--pipeline", "default,prune(ratio=0.5)",
+               "--train-data", f"{DIGITS}:train_set", "--max-steps", "11", "--history-json",
+               str(tmp_path / "h.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert "fine-tuned 11 steps (stopped: max_steps)" in capsys.readouterr().out
+    hist = json.loads((tmp_path / "h.json").read_text())["history"]
+    assert [r["steps"] for r in hist] == [8, 3] and hist[-1]["stop"] == "max_steps"
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--train-data", f"{DIGITS}:nope"], "has no attribute 'nope'"),
     (["--train-data", f"{DIGITS}:bad_train_set"], "input 0 is (2, 65) float32; the model"),
@@ -59,6 +69,8 @@ def test_random_data_smoke_on_a_zoo_model(tmp_path, capsys):
     (["--epochs", "0"], "--epochs 0: give the epochs to train after --pipeline"),
     (["--pipeline", "default,finetune(epochs=1)", "--epochs", "-1"], "--epochs -1"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--max-steps", "0"], "--max-steps is a number of optimizer steps"),
+    (["--max-time", "-2"], "--max-time is a number of seconds"),
     (["--target", "tensorrt"], "--target 'tensorrt'"),
     (["--no-teacher"], "drop --no-teacher"),
 ])
