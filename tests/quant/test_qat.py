@@ -353,3 +353,27 @@ def test_current_weight_observer_forgets_earlier_weights():
     obs(torch.ones(2, 3))
     scale, _ = obs.calculate_qparams()
     torch.testing.assert_close(scale, torch.full((2,), 1 / 127.5))
+
+
+@pytest.mark.parametrize("kind", ["minmax", "moving_average"])
+def test_qat_starts_from_the_calibrated_activation_ranges(kind):
+    """A training step's forward on a batch the calibration covered quantizes as PTQ did
+    (a fresh observer would take that one batch's narrower range and clip elsewhere)."""
+    ptq = _fresh("resnet")
+    gm = prepare_qat(copy.deepcopy(ptq), activation_observer=kind)
+    x = _inputs(ptq, 4) * 0.5  # well inside the calibrated ranges
+    with torch.no_grad():
+        want = ptq(x)
+        got = gm(x)  # train mode: observes, then fake-quantizes with the updated scales
+    if kind == "minmax":  # inside the calibrated range: not one scale moved
+        assert torch.equal(want, got)
+    else:  # a moving average takes 1% of the batch's narrower range per step
+        assert cosine(want, got) > 0.9999
+    fresh = prepare_qat(copy.deepcopy(ptq), activation_observer=kind)
+    for fq in fake_quant_modules(fresh).values():
+        if fq.axis is None and fq.observer is not None:
+            fq.observer = fq._new_observer()  # what QAT did before: forget the calibration
+    full = _inputs(ptq, 4)  # then an ordinary batch, evaluated with the scales reached
+    with torch.no_grad():
+        fresh(x)
+        assert cosine(ptq(full), fresh.eval()(full)) < cosine(ptq(full), gm.eval()(full))
