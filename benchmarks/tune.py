@@ -220,10 +220,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
         "leaves their build time out). *cos*: held-out cosine with the PyTorch model, "
         "mean / worst over the held-out batches (4 random batches; MiniLM: one batch of 8 "
         "real sentences none of the tuner saw, so mean = worst)."
-        + (f" Fine-tuned twins (`+ft`): {args.train_images} training samples drawn like the "
-           f"calibration batches (seed {TRAIN_SEED}), {args.train_time:g} s of distillation "
-           "each (output cosine, lr 1e-4), at most 4 x that in all."
-           if args.train_images else ""), "",
+        + _twins_note(results, args), "",
         "| model | input | tuned (winner) | tune s | built | tuned ms | plain ms | plain/tuned "
         "| ort-static/tuned | ort-dynamic/tuned | best cell | best cell/tuned | tuned cos "
         "| ort-static cos | ort-dynamic cos |",
@@ -266,7 +263,25 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float,
     return "\n".join(lines)
 
 
+def _twins_note(results: list[dict], args: argparse.Namespace) -> str:
+    """What the fine-tuned twins were trained on: for the whole run, or (rows from the
+    cache, measured with different flags) per model."""
+    runs = [(r["model"], r["finetune"]) for r in results if r.get("finetune")]
+    if not runs:
+        return ""
+    where = ("" if len(runs) == len(results) and not args.from_cache else
+             " (" + ", ".join(f"{m}: `--train-images {f['samples']} --train-time "
+                              f"{f['seconds']:g}`" for m, f in runs) + "; the other models "
+             "without fine-tuning)")
+    samples, secs = runs[0][1]["samples"], runs[0][1]["seconds"]
+    return (f" Fine-tuned twins (`+ft`){where}: {samples} training samples drawn like the "
+            f"calibration batches (seed {TRAIN_SEED}), {secs:g} s of distillation each "
+            "(output cosine, lr 1e-4), at most 4 x that in all.")
+
+
 def _train_flags(args: argparse.Namespace) -> str:
+    if args.from_cache:
+        return ""  # per model: _twins_note
     return (f" --train-images {args.train_images} --train-time {args.train_time:g}"
             if args.train_images else "")
 
