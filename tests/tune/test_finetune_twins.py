@@ -133,6 +133,7 @@ def test_static_int8_twin_trains_through_fake_quant(mlp, small_space, tmp_path):
     row = res.table.row("onnx-int8+ft")
     assert row["status"] in ("accepted", "over budget") and row["stage"] == "finetune"
     assert row["pipeline"].index("quantize(") < row["pipeline"].index("finetune(")
+    assert "lr=1e-05" in row["pipeline"]  # QAT next to the teacher: a tenth of the lr
     assert "fine-tuned" in row["verdict"] and "from onnx-int8: cosine" in row["verdict"]
     rec = next(json.loads(f.read_text()) for f in (tmp_path / "records").glob("*.json")
                if json.loads(f.read_text()).get("name") == "onnx-int8+ft")
