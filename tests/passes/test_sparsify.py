@@ -180,8 +180,9 @@ def test_nothing_to_sparsify():
 def test_pattern_kept_through_default_and_quantize(zoo_case, mode):
     _, inputs, gm = zoo_case("resnet", mode)
     calib = [tuple(torch.randn_like(x) for x in inputs) for _ in range(2)]
-    res = fxopt.optimize(gm, inputs, "sparsify(pattern='2:4'),default,quantize(scheme=int8)",
-                         calibration=calib)
+    # keep_head=false: every sparsified layer, the classifier too, is quantized
+    pipeline = "sparsify(pattern='2:4'),default,quantize(scheme=int8,keep_head=false)"
+    res = fxopt.optimize(gm, inputs, pipeline, calibration=calib)
     layers = _stats(res)["layers"]
     kept = validate_pattern(res.module, "2:4")  # through the fake-quantized weights
     # the nodes were replaced (conv -> conv on a fake-quantized weight); the masks followed
